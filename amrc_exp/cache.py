@@ -1,0 +1,89 @@
+"""On-disk cache of calibration statistics, keyed by exactly the config fields they depend on.
+
+A sweep over ratio, z_type, schedule, decomp or the Z solver reuses one calibration. Entries
+are a safetensors file plus a JSON manifest written last (both atomically), so an entry whose
+manifest is missing, unreadable or disagrees with the tensors is treated as absent and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from amrc_exp.calibrate import LayerStats
+from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+
+
+def stats_key_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The fields calibration statistics depend on (and nothing else)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("weights") != "train":
+        model.pop("train", None)  # training recipe only matters for the embedded model
+    data = {k: cfg.data[k] for k in ("name", "root", "synthetic", "num_train")}
+    calib = {k: cfg.calib[k] for k in ("num_samples", "heldout_samples")}
+    return {"format": FORMAT, "model": model, "data": data, "calib": calib, "seed": cfg.seed}
+
+
+def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
+    root = Path(cache_dir).expanduser() / "stats"
+    return root / f"{key}.safetensors", root / f"{key}.json"
+
+
+def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]]) -> None:
+    """Store {set_name: {layer: LayerStats}} (e.g. calib and heldout) under `key`."""
+    tensors, manifest = {}, {"format": FORMAT, "sets": {}}
+    for set_name, stats in sets.items():
+        manifest["sets"][set_name] = {}
+        for layer, s in stats.items():
+            tensors[f"{set_name}/{layer}/H"] = s.H.detach().cpu().contiguous()
+            tensors[f"{set_name}/{layer}/x_rep"] = s.x_rep.detach().cpu().contiguous()
+            manifest["sets"][set_name][layer] = {"n_samples": s.n_samples, "n_tokens": s.n_tokens,
+                                                  "n_skipped": s.n_skipped}
+    tensor_path, manifest_path = _paths(cache_dir, key)
+    with atomic_path(tensor_path) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(manifest_path, manifest)  # written last: its presence marks a valid entry
+
+
+def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | None:
+    """The cached entry, or None when absent or corrupt (a corrupt one is reported)."""
+    tensor_path, manifest_path = _paths(cache_dir, key)
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = read_json(manifest_path)
+        tensors = load_file(str(tensor_path))
+        sets = {}
+        for set_name, layers in manifest["sets"].items():
+            sets[set_name] = {
+                layer: LayerStats(H=tensors[f"{set_name}/{layer}/H"],
+                                  x_rep=tensors[f"{set_name}/{layer}/x_rep"],
+                                  n_samples=meta["n_samples"], n_tokens=meta["n_tokens"],
+                                  n_skipped=meta["n_skipped"])
+                for layer, meta in layers.items()
+            }
+        _check_finite(sets)
+        return sets
+    except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
+        log.warning("calibration cache entry %s is corrupt (%s); recomputing", tensor_path.name, err)
+        manifest_path.unlink(missing_ok=True)
+        return None
+
+
+def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
+    for stats in sets.values():
+        for layer, s in stats.items():
+            if not (torch.isfinite(s.H).all() and torch.isfinite(s.x_rep).all()):
+                raise ValueError(f"non-finite statistics for {layer}")
+
+
+def stats_key(cfg: DictConfig) -> str:
+    return cache_key(stats_key_fields(cfg))

@@ -1,0 +1,25 @@
+"""User-facing errors: the entry point prints these as one short message, no traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AmrcError(Exception):
+    """Base class for errors a user can fix by changing the config or the environment."""
+
+
+class ConfigError(AmrcError, ValueError):
+    """A config value is invalid. Names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid config value {key}={value!r}: expected {allowed}")
+
+
+class DataError(AmrcError):
+    """Data is missing or malformed. The message names the override to set."""
+
+
+class WeightsError(AmrcError):
+    """Weights are missing, corrupt or do not match the architecture."""

@@ -1,0 +1,51 @@
+"""Evaluation: top-1 accuracy and measured inference throughput."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay exact fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def top1(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> float:
+    """Top-1 accuracy in percent over the whole loader."""
+    model.eval()
+    correct = total = 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        with autocast_for(device, amp):
+            logits = model(images)
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, sample: torch.Tensor, device: torch.device, repeats: int = 5,
+               amp: bool = False) -> float:
+    """Images per second for one batch shape, median of `repeats` timed runs after a warm-up."""
+    model.eval()
+    sample = sample.to(device)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast_for(device, amp):
+            model(sample)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # first call is the warm-up
+            times.append(time.perf_counter() - start)
+    return sample.shape[0] / sorted(times)[len(times) // 2]

@@ -1,0 +1,195 @@
+"""Low-rank decompositions of one weight and their energy spectra (paper Sec 3.1, Eq 5-7).
+
+Convention (paper's, used in all of `amrc_exp.math`): W is in x out, X is tokens x in and a
+layer computes X W. Rank-r factors are U (in x r), V (out x r) with W_hat = U V^T; the singular
+values are split as sqrt(sigma) into both sides. Linear algebra runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Spectrum",
+    "svd_spectrum",
+    "asvd_mean_spectrum",
+    "asvd_whiten_spectrum",
+    "whitening_factor",
+    "damped",
+    "decompose",
+    "output_error",
+    "METHODS",
+]
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """A decomposition W_hat(r) = left[:, :r] diag(sigma[:r]) right[:, :r]^T for every rank r.
+
+    `sigma` is descending (float64, length k = `rank_cap`), `left` is in x k, `right` is out x k.
+    """
+
+    method: str
+    sigma: Tensor
+    left: Tensor
+    right: Tensor
+
+    @property
+    def rank_cap(self) -> int:
+        """k: the largest rank this decomposition can express (token count for asvd_mean)."""
+        return int(self.sigma.numel())
+
+    @property
+    def max_rank(self) -> int:
+        """min(in, out): the largest rank of an in x out matrix."""
+        return min(self.left.shape[0], self.right.shape[0])
+
+    def energy_curve(self) -> Tensor:
+        """Normalized energy loss sum_{j>r} s_j^2 / sum_j s_j^2 for r = 0..max_rank (Alg. 1's
+        ComputeEnergyLoss). Ranks above k keep the loss at k. float64, on sigma's device."""
+        e = self.sigma.to(torch.float64) ** 2
+        # Tail sums by a reversed cumsum (not total - cumsum) so the curve is exactly
+        # non-negative and non-increasing, with tail[k] = 0.
+        tail = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+        total = tail[0]
+        loss = tail / total if total > 0 else torch.zeros_like(tail)  # W = 0 loses nothing
+        pad = self.max_rank + 1 - loss.numel()
+        return torch.cat([loss, loss[-1:].expand(pad)]) if pad > 0 else loss[: self.max_rank + 1]
+
+    def energy_loss(self, r: int) -> float:
+        """Normalized energy loss when keeping the top r singular values (Alg. 1)."""
+        if r < 0:
+            raise ValueError(f"rank must be >= 0, got {r}")
+        curve = self.energy_curve()
+        return float(curve[min(r, curve.numel() - 1)])
+
+    def factors(self, r: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """(U, V) of rank exactly r: U = left_r sqrt(sigma_r), V = right_r sqrt(sigma_r).
+
+        For r > rank_cap the extra columns are zero: the decomposition cannot use them (this is
+        the rank cap of asvd_mean, whose W_hat lives in the row space of X_rep)."""
+        if r < 0:
+            raise ValueError(f"rank must be >= 0, got {r}")
+        k = min(r, self.rank_cap)
+        root = self.sigma[:k].clamp_min(0).sqrt()
+        u = self.left[:, :k] * root
+        v = self.right[:, :k] * root
+        if r > k:
+            u = torch.cat([u, u.new_zeros(u.shape[0], r - k)], dim=1)
+            v = torch.cat([v, v.new_zeros(v.shape[0], r - k)], dim=1)
+        return u.to(dtype), v.to(dtype)
+
+    def approx(self, r: int) -> Tensor:
+        """W_hat(r) = U V^T in float64 (in x out)."""
+        k = min(r, self.rank_cap)
+        return (self.left[:, :k] * self.sigma[:k]) @ self.right[:, :k].mT
+
+
+def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD m = P diag(S) Q^T, returning (P, S, Q)."""
+    p, s, qh = torch.linalg.svd(m, full_matrices=False)
+    return p, s, qh.mT
+
+
+def svd_spectrum(W: Tensor) -> Spectrum:
+    """Vanilla SVD of the weights (the activation-unaware baseline)."""
+    p, s, q = _svd(W.to(torch.float64))
+    return Spectrum("svd", s, p, q)
+
+
+def asvd_mean_spectrum(W: Tensor, x_rep: Tensor, rcond: float = 1e-6) -> Spectrum:
+    """The paper's Eq 6-7 with X_rep = mean token matrix, literally.
+
+    SVD(X_rep W) = U* S V*^T; U = pinv(X_rep) U*_r sqrt(S_r), V = V*_r sqrt(S_r). W_hat is only
+    constrained on the row space of X_rep, so k <= tokens. `rcond` (relative to the largest
+    singular value of X_rep) drops directions of X_rep at the float32 noise level of the
+    activations it came from: inverting them would blow up U while X_rep W has ~no energy there.
+    Energy is relative to ||X_rep W||_F^2.
+    """
+    x = x_rep.to(device=W.device, dtype=torch.float64)
+    p, s, q = _svd(x @ W.to(torch.float64))
+    k = min(x.shape[0], *W.shape)  # X_rep W has rank <= min(tokens, in, out)
+    p, s, q = p[:, :k], s[:k], q[:, :k]
+    left = torch.linalg.pinv(x, rtol=rcond) @ p
+    return Spectrum("asvd_mean", s, left, q)
+
+
+def damped(h: Tensor, damp: float) -> Tensor:
+    """H + damp * mean(diag H) * I in float64, symmetrized; all-zero H becomes I.
+
+    Relative damping makes dead channels and token-starved H positive definite without
+    changing the objective's scale."""
+    h = h.to(torch.float64)
+    h = (h + h.mT) / 2  # streamed sums can be asymmetric by rounding
+    n = h.shape[-1]
+    mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    if bool((mean_diag <= 0).any()):
+        # No statistics at all (or nonsense): identity, i.e. fall back to plain SVD.
+        dead = (mean_diag <= 0)[..., None, None]
+        h = torch.where(dead, eye, h)
+        mean_diag = torch.where(mean_diag <= 0, torch.ones_like(mean_diag), mean_diag)
+    return h + (damp * mean_diag)[..., None, None] * eye
+
+
+def whitening_factor(h_d: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Return (L^T, solve) with h_d = L L^T and solve(P) = L^{-T} P, for one (n x n) h_d.
+
+    Cholesky first; if it fails (indefinite by rounding, or damp = 0 on a singular H) use the
+    symmetric eigendecomposition with eigenvalues clamped, L = Q diag(sqrt(lam)): any square
+    root works for the whitened SVD."""
+    chol, info = torch.linalg.cholesky_ex(h_d)
+    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    scale = torch.diagonal(h_d, dim1=-2, dim2=-1).abs().max().clamp_min(1e-300)
+    if int(info.max()) == 0 and bool(torch.isfinite(chol).all()) and bool((diag**2 > 1e-13 * scale).all()):
+        lt = chol.mT
+        return lt, lambda p: torch.linalg.solve_triangular(lt, p, upper=True)
+    lam, q = torch.linalg.eigh(h_d)
+    lam = lam.clamp_min(1e-12 * lam.abs().max().clamp_min(1e-300))
+    root = lam.sqrt()
+    return root[:, None] * q.mT, lambda p: q @ (p / root[:, None])
+
+
+def asvd_whiten_spectrum(W: Tensor, H: Tensor, damp: float = 1e-4) -> Spectrum:
+    """Exact rank-r optimum of Eq 5 (Z = 0): min tr((W_hat - W)^T H (W_hat - W)).
+
+    H_d = L L^T, SVD(L^T W) = P S Q^T, W_hat_r = L^{-T} P_r S_r Q_r^T (Eckart-Young on the
+    whitened problem). energy_loss(r) is then the exact normalized Eq 5 error of that optimum,
+    relative to tr(W^T H_d W) (the damped H)."""
+    w64 = W.to(torch.float64)
+    lt, solve = whitening_factor(damped(H.to(w64.device), damp))
+    p, s, q = _svd(lt @ w64)
+    return Spectrum("asvd_whiten", s, solve(p), q)
+
+
+# name -> (builder(w, stats), names of the statistics it needs)
+METHODS: dict[str, tuple[Callable[..., Spectrum], tuple[str, ...]]] = {
+    "svd": (lambda W, **_: svd_spectrum(W), ()),
+    "asvd_mean": (lambda W, x_rep, **_: asvd_mean_spectrum(W, x_rep), ("x_rep",)),
+    "asvd_whiten": (lambda W, H, damp, **_: asvd_whiten_spectrum(W, H, damp), ("H",)),
+}
+
+
+def decompose(
+    method: str, W: Tensor, *, H: Tensor | None = None, x_rep: Tensor | None = None, damp: float = 1e-4
+) -> Spectrum:
+    """Spectrum of W (in x out) by `method` in {"svd", "asvd_mean", "asvd_whiten"}."""
+    if method not in METHODS:
+        raise ValueError(f"unknown decomposition method {method!r}; allowed: {sorted(METHODS)}")
+    build, needs = METHODS[method]
+    stats = {"H": H, "x_rep": x_rep}
+    missing = [n for n in needs if stats[n] is None]
+    if missing:
+        hint = ", ".join(f"{n}=..." for n in missing)
+        raise ValueError(f"method {method!r} needs statistic(s) {missing} (pass {hint})")
+    return build(W, H=H, x_rep=x_rep, damp=damp)
+
+
+def output_error(W: Tensor, W_hat: Tensor, H: Tensor, n_samples: float) -> float:
+    """Mean normalized output error of Eq 5: tr((W_hat - W)^T H (W_hat - W)) / N."""
+    d = (W_hat.to(torch.float64) - W.to(torch.float64)).to(H.device)
+    return float((d * (H.to(torch.float64) @ d)).sum() / n_samples)

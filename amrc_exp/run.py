@@ -1,0 +1,220 @@
+"""The staged run: load → calibrate → decompose → allocate → compensate → apply → fine-tune →
+quantize → evaluate → export. `run(cfg)` is a plain function returning the metrics dict that
+is also written to `<out_dir>/results.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from amrc_exp import compress
+from amrc_exp.config import validate
+from amrc_exp.errors import ConfigError
+from amrc_exp.io import atomic_write_json
+from amrc_exp.tracking import Tracker, make_tracker
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "auto or cpu (no CUDA device is visible)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run every stage for one config; return (and write) the results."""
+    validate(cfg)  # before any heavy import or I/O: a typo fails in a second
+    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.evaluate import throughput, top1
+    from amrc_exp.export import save_compressed
+    from amrc_exp.finetune import partial_finetune
+    from amrc_exp.lowrank import compress_, count_params
+    from amrc_exp.models import build_model
+    from amrc_exp.quantize import model_size_mib, quantize_
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp = bool(cfg.amp) and device.type == "cuda"
+    timer = StageTimer()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker: Tracker = make_tracker(cfg.logger, str(out_dir), config, name=out_dir.name)
+    res: dict[str, Any] = {"status": "running", "config": config, "device": str(device)}
+
+    try:
+        with timer("data"):
+            splits = build_splits(cfg)
+        with timer("load"):
+            model, model_info = build_model(cfg, splits)
+            model.to(device).eval()
+        res["model"] = model_info
+        res["data"] = splits.describe()
+        res["synthetic"] = bool(splits.synthetic or model_info.get("random_weights"))
+        val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
+                                 num_workers=cfg.data.num_workers)
+        n0 = count_params(model)
+        res["params_before"] = n0
+        res["size_mib_dense_fp16"] = model_size_mib(model, bits=0)
+        with timer("eval_baseline"):
+            res["top1_baseline"] = top1(model, val_loader, device, amp, desc="eval baseline")
+        tracker.log({"top1/baseline": res["top1_baseline"], "params/before": n0})
+
+        with timer("calibrate"):
+            stats, res["calibration_cached"] = compress.calibration_stats(model, splits, cfg, device, amp)
+        with timer("decompose"):
+            layers = compress.find_compressible(model)
+            weights = compress.layer_weights(layers)
+            spectra = compress.decompose_layers(weights, stats["calib"], cfg.decomp)
+        with timer("allocate"):
+            specs = compress.layer_specs(layers, cfg.z_type)
+            to_remove = compress.params_to_remove(n0, cfg)
+            ranks = compress.allocate_ranks(spectra, specs, to_remove, cfg.schedule)
+        with timer("compensate"):
+            plans, layer_rows = compress.compensate_layers(weights, layers, spectra, ranks, stats, cfg)
+        with timer("apply"):
+            compress_(model, plans)
+        res["params_after"] = count_params(model)
+        res["params_target"] = n0 - to_remove
+        res["ratio_achieved"] = 1.0 - res["params_after"] / n0
+        res["layers"] = layer_rows
+        res["table1"] = compress.residual_summary(layer_rows, specs)
+        res["energy_curves"] = {n: s.energy_curve().tolist() for n, s in spectra.items()}
+        _log_layers(tracker, layer_rows, spectra)
+
+        with timer("eval_compressed"):
+            res["top1_compressed"] = top1(model, val_loader, device, amp, desc="eval compressed")
+        tracker.log({"top1/compressed": res["top1_compressed"], "params/after": res["params_after"]})
+
+        with timer("finetune"):
+            ft_loader = make_loader(splits.train, cfg.finetune.batch_size, shuffle=True,
+                                    seed=cfg.seed, num_workers=cfg.data.num_workers)
+            res["finetune"] = partial_finetune(model, ft_loader, epochs=cfg.finetune.epochs,
+                                               lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay,
+                                               device=device, amp=amp, seed=cfg.seed)
+        if cfg.finetune.epochs:
+            with timer("eval_finetuned"):
+                res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
+            tracker.log({"top1/finetuned": res["top1_finetuned"]})
+        res["size_mib_compressed_fp16"] = model_size_mib(model, bits=0)
+
+        if cfg.ptq.bits:
+            with timer("quantize"):
+                quantize_(model, cfg.ptq.bits)
+                res["size_mib_ptq"] = model_size_mib(model, bits=cfg.ptq.bits)
+                res["top1_ptq"] = top1(model, val_loader, device, amp, desc="eval ptq")
+            tracker.log({"top1/ptq": res["top1_ptq"]})
+
+        with timer("export"):
+            save_compressed(model, out_dir / "model", meta={"config": config})
+        res["top1"] = _final_top1(res)
+        res["throughput"] = _throughput_pair(cfg, splits, model, device, amp, build_model, throughput)
+        res["seconds"] = timer.seconds
+        res["status"] = "complete"
+        tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
+        atomic_write_json(out_dir / RESULTS, res)
+        print_summary(res)
+        return res
+    except BaseException as err:
+        res["status"] = "failed"
+        res["error"] = f"{type(err).__name__}: {err}"
+        res["seconds"] = timer.seconds
+        atomic_write_json(out_dir / "failed.json", res)  # never read as a finished result
+        raise
+    finally:
+        tracker.finish()
+
+
+def _final_top1(res: dict[str, Any]) -> float:
+    for key in ("top1_ptq", "top1_finetuned", "top1_compressed"):
+        if key in res:
+            return res[key]
+    raise KeyError("no top-1 measured")
+
+
+def _throughput_pair(cfg, splits, model, device, amp, build_model, throughput) -> dict[str, float]:
+    """Compressed vs dense images/s on one eval batch, measured side by side."""
+    batch = torch.stack([splits.val[i][0] for i in range(min(64, len(splits.val)))])
+    dense, _ = build_model(OmegaConf.merge(cfg, {"model": {"weights": "random"}}), None)
+    dense.to(device).eval()
+    compressed_ips = throughput(model, batch, device, amp=amp)
+    dense_ips = throughput(dense, batch, device, amp=amp)
+    return {"batch": int(batch.shape[0]), "compressed_ips": compressed_ips, "dense_ips": dense_ips,
+            "speedup": compressed_ips / dense_ips}
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir / ".write_probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError("out_dir", str(out_dir), f"a writable directory ({err.strerror})") from None
+
+
+def _log_layers(tracker: Tracker, rows: list[dict], spectra) -> None:
+    names = [r["name"] for r in rows]
+    tracker.bar("rank", names, [r["rank"] or 0 for r in rows], "Rank per layer (0 = dense)")
+    tracker.lines("layer_error", list(range(len(rows))),
+                  [[r["err_before"] for r in rows], [r["err_after"] for r in rows]],
+                  ["before Z", "after Z"], "Held-out normalized error per layer (Fig 3)", "layer")
+    curves = [s.energy_curve().tolist() for s in spectra.values()]
+    width = max(len(c) for c in curves)
+    tracker.lines("energy_loss", list(range(width)),
+                  [c + [c[-1]] * (width - len(c)) for c in curves], list(spectra),
+                  "Normalized energy loss vs rank (Fig 1)", "rank")
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    """A short table: params, top-1 at each stage, seconds per stage."""
+    def pct(key):
+        return f"{res[key]:.2f}" if key in res else "-"
+
+    synthetic = "  (SYNTHETIC data/weights: not a paper number)" if res.get("synthetic") else ""
+    lines = [
+        f"amrc_exp results{synthetic}",
+        f"  params        {res['params_before'] / 1e6:8.3f} M -> {res['params_after'] / 1e6:8.3f} M"
+        f"  (removed {100 * res['ratio_achieved']:.2f}%)",
+        f"  size fp16     {res['size_mib_dense_fp16']:8.2f} MiB -> {res['size_mib_compressed_fp16']:.2f} MiB"
+        + (f" -> {res['size_mib_ptq']:.2f} MiB ({res['config']['ptq']['bits']}-bit)" if "size_mib_ptq" in res else ""),
+        f"  top-1 (%)     baseline {pct('top1_baseline')} | compressed {pct('top1_compressed')} |"
+        f" finetuned {pct('top1_finetuned')} | ptq {pct('top1_ptq')}",
+        f"  throughput    {res['throughput']['speedup']:.2f}x dense (batch {res['throughput']['batch']})",
+        "  seconds       " + " | ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()),
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,96 @@
+"""Experiment tracking: W&B (offline into the run directory by default) or nothing.
+
+Offline needs no account and no network. `logger.mode=online` without credentials falls back
+to offline with a warning: a sweep must not die, or lose its logs, over a missing API key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """No-op tracker (`logger=none`); the W&B one overrides the hooks."""
+
+    mode = "disabled"
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def bar(self, key: str, labels: Sequence[str], values: Sequence[float], title: str) -> None:
+        pass
+
+    def lines(self, key: str, xs: Sequence[float], ys: Sequence[Sequence[float]],
+              names: Sequence[str], title: str, xname: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *, project: str, group: str | None, mode: str, run_dir: str,
+                 config: dict[str, Any], name: str | None = None) -> None:
+        import wandb
+
+        if mode == "online" and not _has_credentials():
+            log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY or `wandb login`);"
+                        " logging offline into the run directory instead")
+            mode = "offline"
+        os.makedirs(run_dir, exist_ok=True)
+        settings = wandb.Settings(silent=True, console="off", init_timeout=60)
+        try:
+            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
+                                  config=config, name=name, reinit="finish_previous",
+                                  settings=settings)
+        except Exception as err:  # noqa: BLE001 - any online failure must not kill the run
+            if mode == "offline":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead", err)
+            mode = "offline"
+            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
+                                  config=config, name=name, reinit="finish_previous",
+                                  settings=settings)
+        self.mode = mode
+        self._wandb = wandb
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.run.log(metrics)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            self.run.summary[key] = value
+
+    def bar(self, key, labels, values, title) -> None:
+        table = self._wandb.Table(data=[[l, v] for l, v in zip(labels, values)], columns=["layer", key])
+        self.run.log({key: self._wandb.plot.bar(table, "layer", key, title=title)})
+
+    def lines(self, key, xs, ys, names, title, xname) -> None:
+        self.run.log({key: self._wandb.plot.line_series(xs=list(xs), ys=[list(y) for y in ys],
+                                                         keys=list(names), title=title, xname=xname)})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None) -> Tracker:
+    """Build the tracker selected by the `logger` group."""
+    if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
+        return Tracker()
+    return WandbTracker(project=logger_cfg.project, group=logger_cfg.group, mode=logger_cfg.mode,
+                        run_dir=run_dir, config=config, name=name)

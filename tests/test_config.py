@@ -1,0 +1,117 @@
+"""Every group option composes; bad values fail with key, value and allowed values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ValidationError
+
+from amrc_exp.config import CHOICES, validate
+from amrc_exp.errors import ConfigError
+from tests.conftest import CONF_DIR, compose_cfg
+
+GROUPS = ("model", "data", "decomp", "schedule", "z_type", "logger")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_validates(group):
+    options = _options(group)
+    assert options, f"no options in conf/{group}"
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}", "out_dir=."])
+        validate(cfg)
+        node = cfg[group]
+        if group == "model":
+            assert node.name  # timm name or registered embedded model
+        else:
+            assert node.name == option
+
+
+def test_group_options_match_declared_choices():
+    for group, key in (("data", "data.name"), ("decomp", "decomp.name"),
+                       ("schedule", "schedule.name"), ("z_type", "z_type.name"),
+                       ("logger", "logger.name")):
+        assert set(_options(group)) == set(CHOICES[key])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=swin_b", "ratio=0.5"],
+    ["model=deit_b", "ratio=0.4", "decomp=asvd_whiten", "zfit.solver=closed_form"],
+    ["decomp=svd", "schedule=uniform", "z_type=none"],
+    ["model=vit_l", "target_params=86000000"],
+    ["model=deit_b", "ptq.bits=8", "logger=none"],
+    ["model=deit_b", "model.weights=random", "data=synthetic"],
+])
+def test_readme_overrides_compose(overrides):
+    cfg = compose_cfg(overrides + ["out_dir=."])
+    validate(cfg)
+    if "model=swin_b" in overrides:
+        assert cfg.model.name == "swin_base_patch4_window7_224" and cfg.ratio == 0.5
+
+
+@pytest.mark.parametrize("override,key", [
+    ("ratio=0", "ratio"), ("ratio=1", "ratio"), ("ratio=-0.2", "ratio"), ("ratio=1.5", "ratio"),
+    ("calib.num_samples=-1", "calib.num_samples"), ("calib.num_samples=0", "calib.num_samples"),
+    ("zfit.iters=0", "zfit.iters"), ("schedule.iters=-5", "schedule.iters"),
+    ("finetune.epochs=-1", "finetune.epochs"), ("zfit.solver=adam", "zfit.solver"),
+    ("device=tpu", "device"), ("logger.mode=sometimes", "logger.mode"),
+    ("ptq.bits=3000", "ptq.bits"), ("z_type.fraction=1.5", "z_type.fraction"),
+    ("target_params=0", "target_params"),
+])
+def test_bad_values_name_key_value_and_allowed(override, key):
+    cfg = compose_cfg([override, "out_dir=."])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert err.value.key == key and key in msg and "expected" in msg
+    assert override.split("=", 1)[1] in msg
+
+
+@pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5"])
+def test_wrong_type_fails_at_compose(override):
+    with pytest.raises((ValidationError, ConfigCompositionException, HydraException)) as err:
+        compose_cfg([override, "out_dir=."])
+    assert override.split("=")[0] in str(err.value) or override.split("=")[0] in repr(err.value.__cause__)
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises((ConfigCompositionException, HydraException)) as err:
+        compose_cfg(["model=resnet50", "out_dir=."])
+    assert "model/resnet50" in str(err.value)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "amrc_exp", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["ratio=1.5", "logger=none"], "ratio=1.5"),
+    (["model=nope"], "Available options in 'model'"),
+    (["ratio=abc"], "ratio"),
+    (["finetune.epochs=-2", "logger=none"], "finetune.epochs"),
+])
+def test_cli_bad_input_is_short_clear_and_nonzero(args, needle):
+    proc = _cli(*args, "hydra.run.dir=" + str(ROOT / "outputs" / "_test_cli"))
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_lists_groups_and_cfg_prints_config():
+    help_out = _cli("--help").stdout
+    for group in GROUPS:
+        assert f"{group}:" in help_out
+    cfg_out = _cli("model=swin_b", "ratio=0.5", "--cfg", "job").stdout
+    assert "swin_base_patch4_window7_224" in cfg_out and "ratio: 0.5" in cfg_out
