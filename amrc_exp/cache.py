@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def stats_key_fields(cfg: DictConfig) -> dict[str, Any]:
-    """The fields calibration statistics depend on (and nothing else)."""
+def stats_key_fields(cfg: DictConfig, chunk: int) -> dict[str, Any]:
+    """The fields calibration statistics depend on (and nothing else); `chunk` is the number
+    of samples per stored calibration chunk (the GD mini-batch, or the whole set)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("weights") != "train":
         model.pop("train", None)  # training recipe only matters for the embedded model
     data = {k: cfg.data[k] for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: cfg.calib[k] for k in ("num_samples", "heldout_samples")}
-    return {"format": FORMAT, "model": model, "data": data, "calib": calib, "seed": cfg.seed}
+    return {"format": FORMAT, "model": model, "data": data, "calib": calib, "seed": cfg.seed, "chunk": chunk}
 
 
 def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
@@ -85,5 +86,5 @@ def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
                 raise ValueError(f"non-finite statistics for {layer}")
 
 
-def stats_key(cfg: DictConfig) -> str:
-    return cache_key(stats_key_fields(cfg))
+def stats_key(cfg: DictConfig, chunk: int) -> str:
+    return cache_key(stats_key_fields(cfg, chunk))

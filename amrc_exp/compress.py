@@ -27,22 +27,57 @@ find_compressible = find_layers
 
 def calibration_stats(model: nn.Module, splits, cfg: DictConfig, device: torch.device,
                       amp: bool) -> tuple[dict[str, dict[str, LayerStats]], bool]:
-    """Statistics of the calibration and held-out sets, from the cache when it has them."""
+    """Statistics of the calibration set (whole, and per GD mini-batch chunk) and of the
+    held-out set, from the cache when it has them. Returns ({"calib", "heldout", "chunks"?}, hit)."""
     from amrc_exp.data import make_loader
 
-    key = cache.stats_key(cfg)
-    cached = cache.load_stats(cfg.cache_dir, key)
-    if cached is not None:
-        return {name: {k: s.to(device) for k, s in stats.items()} for name, stats in cached.items()}, True
     layers = find_layers(model)
-    sets = {}
-    for name, dataset in (("calib", splits.calib), ("heldout", splits.heldout)):
-        loader = make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers)
-        sets[name] = collect_stats(model, loader, layers, len(dataset), device, amp,
-                                   desc=f"calibrate {name}")
-    cache.save_stats(cfg.cache_dir, key, sets)
-    return sets, False
+    chunk = chunk_size(cfg, layers, len(splits.calib))
+    key = cache.stats_key(cfg, chunk)
+    sets = cache.load_stats(cfg.cache_dir, key)
+    hit = sets is not None
+    if not hit:
+        sets = {}
+        parts = [("heldout", splits.heldout)]
+        starts = range(0, len(splits.calib), chunk)
+        parts += [(f"calib/{i:04d}", torch.utils.data.Subset(splits.calib, range(a, min(a + chunk, len(splits.calib)))))
+                  for i, a in enumerate(starts)]
+        for name, dataset in parts:
+            loader = make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
+                                 num_workers=cfg.data.num_workers)
+            sets[name] = collect_stats(model, loader, layers, len(dataset), device, amp, desc=f"calibrate {name}")
+        cache.save_stats(cfg.cache_dir, key, sets)
+    chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
+    out = {"calib": merge_stats(chunks), "heldout": sets["heldout"]}
+    if len(chunks) > 1:
+        out["chunks"] = chunks
+    return {name: {k: s.to(device) for k, s in st.items()} if name != "chunks" else st
+            for name, st in out.items()}, hit
+
+
+def chunk_size(cfg: DictConfig, layers: dict[str, nn.Linear], n_calib: int) -> int:
+    """Samples per GD mini-batch Gram; the whole set when mini-batches are off or too large.
+
+    One Gram per chunk costs sum(in^2) float64 per chunk: 16 chunks of DeiT-B are ~17 GiB, so
+    above zfit.max_chunk_gib the GD falls back to the full-set gradient (recorded in results)."""
+    size = cfg.zfit.batch_size  # independent of zfit.solver, so gd and closed_form share a cache entry
+    if size <= 0 or size >= n_calib:
+        return n_calib
+    n_chunks = -(-n_calib // size)
+    gib = n_chunks * sum(l.in_features ** 2 for l in layers.values()) * 8 / 2 ** 30
+    return size if gib <= cfg.zfit.max_chunk_gib else n_calib
+
+
+def merge_stats(parts: list[dict[str, LayerStats]]) -> dict[str, LayerStats]:
+    """Statistics of the union of disjoint sample sets: Grams add, X_rep is the weighted mean."""
+    merged = {}
+    for name in parts[0]:
+        ps = [p[name] for p in parts]
+        n = sum(p.n_samples for p in ps)
+        merged[name] = LayerStats(H=sum(p.H for p in ps), x_rep=sum(p.x_rep * p.n_samples for p in ps) / n,
+                                  n_samples=n, n_tokens=ps[0].n_tokens,
+                                  n_skipped=sum(p.n_skipped for p in ps))
+    return merged
 
 
 def layer_weights(layers: dict[str, nn.Linear]) -> dict[str, Tensor]:
@@ -114,8 +149,12 @@ def compensate_layers(weights: dict[str, Tensor], layers: dict[str, nn.Linear],
                                 damp=cfg.decomp.get("damp", 1e-4))
         else:
             n_eff = torch.tensor([float(calib[n].n_effective) for n in names], dtype=torch.float64)
+            hb = nb = None
+            if "chunks" in stats:  # the paper's mini-batches: one Gram per chunk of samples
+                hb = torch.stack([torch.stack([c[n].H for c in stats["chunks"]]) for n in names]).to(r)
+                nb = torch.tensor([[float(max(c[n].n_effective, 1)) for c in stats["chunks"]] for n in names])
             z, _ = fit_gd(cfg.z_type.name, r, h, n_eff, fraction=cfg.z_type.fraction, lr=cfg.zfit.lr,
-                          iters=cfg.zfit.iters, seed=cfg.seed)
+                          iters=cfg.zfit.iters, seed=cfg.seed, h_batches=hb, n_batches=nb)
         for i, name in enumerate(names):
             zfits[name] = z.layer(i)
 

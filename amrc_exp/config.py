@@ -91,6 +91,8 @@ class ZFitConfig:
     solver: str = "gd"  # gd (the paper's, Sec 3.3) | closed_form (ours, exact where it exists)
     lr: float = 1.0e-3
     iters: int = 2000
+    batch_size: int = 64  # gd mini-batch in samples (Sec 4.1 item 4); 0 = full calibration set
+    max_chunk_gib: float = 2.0  # memory cap for the per-mini-batch Grams; above it: full batch
 
 
 @dataclass
@@ -157,8 +159,8 @@ POSITIVE_INTS = (
     "schedule.iters", "schedule.min_rank", "calib.num_samples", "calib.heldout_samples",
     "calib.batch_size", "zfit.iters", "finetune.batch_size", "eval.batch_size",
 )
-NON_NEGATIVE_INTS = ("model.train.epochs", "finetune.epochs", "data.num_workers")
-POSITIVE_FLOATS = ("schedule.gamma", "zfit.lr", "finetune.lr", "model.train.lr")
+NON_NEGATIVE_INTS = ("model.train.epochs", "finetune.epochs", "data.num_workers", "zfit.batch_size")
+POSITIVE_FLOATS = ("schedule.gamma", "zfit.lr", "finetune.lr", "model.train.lr", "zfit.max_chunk_gib")
 OPTIONAL_POSITIVE_INTS = ("data.finetune_subset", "data.eval_subset", "target_params")
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from amrc_exp import compress
 from amrc_exp.config import validate
 from amrc_exp.errors import ConfigError
-from amrc_exp.io import atomic_write_json
+from amrc_exp.io import atomic_write_json, read_json
 from amrc_exp.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # before any heavy import or I/O: a typo fails in a second
     from amrc_exp.data import build_splits, make_loader
     from amrc_exp.evaluate import throughput, top1
-    from amrc_exp.export import save_compressed
+    from amrc_exp.export import default_create_kwargs, save_compressed
     from amrc_exp.finetune import partial_finetune
     from amrc_exp.lowrank import compress_, count_params
     from amrc_exp.models import build_model
@@ -69,11 +69,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(out_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    previous = finished_result(out_dir, config)
+    if previous is not None:  # a rerun of a sweep skips its finished jobs
+        log.info("%s already holds a finished result for this config; skipping", out_dir)
+        print_summary(previous)
+        return previous
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp = bool(cfg.amp) and device.type == "cuda"
     timer = StageTimer()
-    config = OmegaConf.to_container(cfg, resolve=True)
     tracker: Tracker = make_tracker(cfg.logger, str(out_dir), config, name=out_dir.name)
     res: dict[str, Any] = {"status": "running", "config": config, "device": str(device)}
 
@@ -97,6 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         with timer("calibrate"):
             stats, res["calibration_cached"] = compress.calibration_stats(model, splits, cfg, device, amp)
+        res["zfit_minibatches"] = len(stats.get("chunks", [])) or 1  # 1: full-batch gradient
         with timer("decompose"):
             layers = compress.find_compressible(model)
             weights = compress.layer_weights(layers)
@@ -141,7 +147,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.log({"top1/ptq": res["top1_ptq"]})
 
         with timer("export"):
-            save_compressed(model, out_dir / "model", meta={"config": config})
+            # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
+            # embed_dim, ...) that cannot be read back from the module.
+            create_kwargs = {**default_create_kwargs(model), **config["model"]["kwargs"]}
+            save_compressed(model, out_dir / "model", meta={"config": config},
+                            model_name=str(cfg.model.name), create_kwargs=create_kwargs)
         res["top1"] = _final_top1(res)
         res["throughput"] = _throughput_pair(cfg, splits, model, device, amp, build_model, throughput)
         res["seconds"] = timer.seconds
@@ -158,6 +168,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         tracker.finish()
+
+
+def finished_result(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The complete results.json of an earlier run of the same config in `out_dir`, if any.
+
+    Unreadable or partial files never count (they are rerun); paths that do not change the
+    computation (out_dir, cache_dir) are ignored in the comparison."""
+    path = out_dir / RESULTS
+    if not path.exists():
+        return None
+    try:
+        previous = read_json(path)
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; rerunning", path)
+        return None
+    same = _comparable(previous.get("config", {})) == _comparable(config)
+    return previous if previous.get("status") == "complete" and same else None
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("out_dir", "cache_dir")}
 
 
 def _final_top1(res: dict[str, Any]) -> float:

@@ -33,3 +33,14 @@ def make_cfg(tmp_path):
         return compose_cfg(base + list(overrides or []))
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: one thread is faster and immune to other jobs on the machine's 2 cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ from amrc_exp.math.allocate import (
 from amrc_exp.math.decompose import svd_spectrum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread is faster and immune to other jobs on the machine's 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tail_curve(energies):

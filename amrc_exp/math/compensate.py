@@ -412,11 +412,19 @@ def fit_gd(
     damp: float = 1e-4,
     dtype: torch.dtype = torch.float32,
     n_checkpoints: int = 10,
+    h_batches: Tensor | None = None,
+    n_batches: Tensor | None = None,
 ) -> tuple[ZParams, dict[int, Tensor]]:
     """The paper's gradient-descent fit of Eq 10 (Adam, lr 1e-3, 2000 iterations), on the
     quadratic form with H R precomputed once. Sparse masks are fixed before fitting (`damp` is
     only used to pick structured rows). Returns Z and the loss history {step: loss per layer
-    (float64, CPU)} at n_checkpoints + 1 evenly spaced steps, step 0 = no compensation."""
+    (float64, CPU)} at n_checkpoints + 1 evenly spaced steps, step 0 = no compensation; the
+    history is always the full-calibration loss.
+
+    Mini-batches (Sec 4.1 item 4, batch of 64 samples): pass the Grams of fixed sample chunks,
+    `h_batches` (B, C, in, in) with their sample counts `n_batches` (B, C); each step then
+    descends the Eq 10 loss of one seeded-random chunk. Without them every step uses the full
+    Gram H (the exact expected gradient)."""
     zt = _ztype(ztype)
     r, h = _batch(R, H)
     hr = h @ r
@@ -429,13 +437,15 @@ def fit_gd(
     def loss() -> Tensor:
         return (zt.quad(t, h_, hr_).to(torch.float64) + const) / n
 
+    step_loss = loss if h_batches is None else _chunk_loss(zt, t, r, h_batches, n_batches, dtype, seed)
     marks = {round(i * iters / max(1, n_checkpoints)) for i in range(n_checkpoints + 1)}
     history: dict[int, Tensor] = {}
     opt = torch.optim.Adam([t[k] for k in zt.trainable], lr=lr) if zt.trainable else None
     for step in range(iters if opt is not None else 0):
-        value = loss()
         if step in marks:
-            history[step] = value.detach().cpu()
+            with torch.no_grad():
+                history[step] = loss().cpu()
+        value = step_loss()
         opt.zero_grad(set_to_none=True)
         value.sum().backward()  # layers are independent: the sum's gradient is per layer
         opt.step()
@@ -443,3 +453,24 @@ def fit_gd(
         history[iters] = loss().cpu()
     history.setdefault(0, history[iters])  # no trainable values: Z never moved
     return _out(ztype, r, t, dtype), dict(sorted(history.items()))
+
+
+def _chunk_loss(zt, t: dict[str, Tensor], r: Tensor, h_batches: Tensor, n_batches: Tensor,
+                dtype: torch.dtype, seed: int):
+    """Eq 10's loss on one seeded-random chunk of samples per call (mini-batch GD)."""
+    hb = h_batches.to(device=r.device, dtype=torch.float64)
+    hb = hb[None] if hb.dim() == 3 else hb
+    if hb.shape[0] != r.shape[0] or hb.shape[-1] != r.shape[1]:
+        raise ValueError(f"h_batches {tuple(hb.shape)} does not match R {tuple(r.shape)}")
+    hb = (hb + hb.mT) / 2
+    hrb = hb @ r[:, None]  # (B, C, in, out), once
+    constb = _sum2(r[:, None] * hrb)  # tr(R^T H_c R) per layer and chunk
+    nb = torch.as_tensor(n_batches, dtype=torch.float64, device=r.device).reshape(constb.shape)
+    hb_, hrb_ = hb.to(dtype), hrb.to(dtype)
+    picker = torch.Generator().manual_seed(seed + 1)
+
+    def loss() -> Tensor:
+        c = int(torch.randint(hb.shape[1], (1,), generator=picker))
+        return (zt.quad(t, hb_[:, c], hrb_[:, c]).to(torch.float64) + constb[:, c]) / nb[:, c]
+
+    return loss

@@ -1,0 +1,86 @@
+"""End to end: one tiny run through every stage, its results.json, W&B files, cache and export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from amrc_exp.run import run
+
+TINY = [
+    "model.weights=random", "calib.num_samples=64", "calib.heldout_samples=16",
+    "calib.batch_size=32", "zfit.iters=20", "zfit.batch_size=16", "finetune.epochs=1", "data.finetune_subset=128",
+    "data.eval_subset=256", "eval.batch_size=128",
+]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from tests.conftest import compose_cfg
+
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = compose_cfg(TINY + [f"cache_dir={root / 'cache'}", f"out_dir={root / 'run1'}",
+                              "logger=wandb", "ptq.bits=8"])
+    return root, cfg, run(cfg)
+
+
+def test_results_json_has_every_stage(first_run):
+    root, cfg, res = first_run
+    on_disk = json.loads((root / "run1" / "results.json").read_text())
+    assert on_disk["status"] == "complete" and on_disk == json.loads(json.dumps(res))
+    # Random weights: the run says so and can never feed a paper table.
+    assert res["synthetic"] is True and res["model"]["random_weights"] is True
+    for key in ("top1_baseline", "top1_compressed", "top1_finetuned", "top1_ptq", "top1"):
+        assert 0.0 <= res[key] <= 100.0
+    assert set(res["seconds"]) >= {"calibrate", "decompose", "allocate", "compensate", "apply",
+                                   "finetune", "quantize", "export"}
+    # Budget is the whole model: within one rank step of the largest layer (in + out).
+    step = max(r["n_in"] + r["n_out"] for r in res["layers"])
+    assert res["params_target"] == round((1 - 0.5) * res["params_before"])
+    assert res["params_target"] - step < res["params_after"] <= res["params_target"]
+    assert res["zfit_minibatches"] == 4  # 64 calibration samples in GD mini-batches of 16
+    fact = [r for r in res["layers"] if r["rank"] is not None]
+    assert fact and all(r["err_after"] <= r["err_before"] + 1e-9 for r in fact)
+    assert res["size_mib_ptq"] < res["size_mib_compressed_fp16"] < res["size_mib_dense_fp16"]
+
+
+def test_wandb_offline_files_written_in_run_dir(first_run):
+    root, _, _ = first_run
+    runs = list((root / "run1" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_rerun_same_dir_skips_finished_job(first_run):
+    root, cfg, res = first_run
+    path = root / "run1" / "results.json"
+    before = path.stat().st_mtime_ns
+    again = run(cfg)
+    assert path.stat().st_mtime_ns == before and again["top1"] == res["top1"]
+
+
+def test_second_config_reuses_calibration(first_run):
+    from tests.conftest import compose_cfg
+
+    root, _, res1 = first_run
+    cfg2 = compose_cfg(TINY + [f"cache_dir={root / 'cache'}", f"out_dir={root / 'run2'}",
+                               "logger=none", "ratio=0.4", "z_type=diagonal", "schedule=linear",
+                               "finetune.epochs=0"])
+    res2 = run(cfg2)
+    assert res1["calibration_cached"] is False and res2["calibration_cached"] is True
+    assert res2["seconds"]["calibrate"] < res1["seconds"]["calibrate"]
+    assert "top1_finetuned" not in res2 and res2["top1"] == res2["top1_compressed"]
+
+
+def test_export_reloads_to_the_evaluated_model(first_run):
+    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.evaluate import top1
+    from amrc_exp.export import load_compressed
+
+    root, cfg, res = first_run
+    model = load_compressed(root / "run1" / "model")
+    loader = make_loader(build_splits(cfg).val, 128, shuffle=False, seed=cfg.seed)
+    assert top1(model, loader, torch.device("cpu")) == pytest.approx(res["top1"], abs=1e-9)
