@@ -8,12 +8,14 @@ manifest is missing, unreadable or disagrees with the tensors is treated as abse
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from amrc_exp.calibrate import LayerStats
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
@@ -48,10 +50,16 @@ def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]])
             tensors[f"{set_name}/{layer}/x_rep"] = s.x_rep.detach().cpu().contiguous()
             manifest["sets"][set_name][layer] = {"n_samples": s.n_samples, "n_tokens": s.n_tokens,
                                                   "n_skipped": s.n_skipped}
+    # One id in both files: a manifest is only ever paired with the tensors of its own save.
+    manifest["entry"] = uuid.uuid4().hex
     tensor_path, manifest_path = _paths(cache_dir, key)
-    with atomic_path(tensor_path) as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_json(manifest_path, manifest)  # written last: its presence marks a valid entry
+    try:
+        with atomic_path(tensor_path) as tmp:
+            save_file(tensors, str(tmp), metadata={"entry": manifest["entry"]})
+        atomic_write_json(manifest_path, manifest)  # written last: its presence marks a valid entry
+    except (OSError, SafetensorError) as err:  # a full or read-only cache must not cost the statistics
+        log.warning("could not write calibration cache entry %s (%s); continuing without caching",
+                    tensor_path, err)
 
 
 def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | None:
@@ -61,7 +69,11 @@ def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | N
         return None
     try:
         manifest = read_json(manifest_path)
-        tensors = load_file(str(tensor_path))
+        with safe_open(str(tensor_path), framework="pt") as f:
+            entry = (f.metadata() or {}).get("entry")
+            if entry != manifest.get("entry"):
+                raise ValueError("tensor file and manifest come from different saves")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         sets = {}
         for set_name, layers in manifest["sets"].items():
             sets[set_name] = {

@@ -149,7 +149,8 @@ class _Accumulator:
                 if not bool(torch.isfinite(t).all()):
                     raise NonFiniteActivationError(
                         f"non-finite activations (NaN/Inf) in the {what} of layer {self.name!r} "
-                        f"during calibration; check the model weights, or disable amp"
+                        f"during calibration; check model.weights (a corrupt or diverged checkpoint), "
+                        f"or set amp=false if a bf16/fp16 forward overflows"
                     )
             # ||X_i W||_F² per image; float64 so a large but finite output cannot overflow.
             energy = y.double().square().sum(dim=(1, 2))  # (B,)

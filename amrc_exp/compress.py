@@ -7,11 +7,12 @@ the `LayerPlan`s that `lowrank.compress_` swaps in, plus one report row per laye
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from amrc_exp import cache
@@ -107,6 +108,34 @@ def params_to_remove(n0: int, cfg: DictConfig) -> int:
             raise ConfigError("target_params", cfg.target_params, f"fewer than the model's {n0} parameters")
         return n0 - int(cfg.target_params)
     return round(cfg.ratio * n0)
+
+
+def check_budget(specs: list[LayerSpec], to_remove: int, n0: int, cfg: DictConfig) -> None:
+    """ConfigError (naming ratio or target_params, and the largest value that works) when no
+    allocation can remove `to_remove` parameters. Needs only shapes: run it before calibration."""
+    min_rank = int(cfg.schedule.min_rank)
+    most = max_removable(specs, min_rank)
+    if to_remove <= most:
+        return
+    z = f"z_type={cfg.z_type.name} (z_type.fraction={cfg.z_type.fraction})"
+    if most == 0:
+        why = (f"no compressible layer gets smaller than dense when factorized at rank "
+               f"schedule.min_rank={min_rank} with the overhead of {z}")
+    else:
+        why = (f"at most {most} of the model's {n0} parameters are removable (every compressible layer "
+               f"at rank schedule.min_rank={min_rank}, plus the overhead of {z})")
+    fix = "lower z_type.fraction, a cheaper z_type (lowrank, diagonal, none) or a lower schedule.min_rank"
+    if cfg.target_params is not None:
+        raise ConfigError("target_params", cfg.target_params,
+                          f"an integer >= {n0 - most} for this model: {why}; raise target_params or use {fix}")
+    if most == 0:  # no ratio works: the Z overhead (or min_rank) is the value to change
+        key = "z_type.fraction" if cfg.z_type.name in ("lowrank", "sparse_unstructured",
+                                                       "sparse_structured") else "schedule.min_rank"
+        raise ConfigError(key, OmegaConf.select(cfg, key), f"a smaller value: {why}, so no ratio "
+                          f"can be met; use {fix}")
+    largest = math.floor(most / n0 * 1e4) / 1e4
+    raise ConfigError("ratio", cfg.ratio, f"a number <= {largest:.4f} for this model: {why}; "
+                                          f"lower ratio or use {fix}")
 
 
 def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,

@@ -8,6 +8,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -161,6 +162,7 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE_INTS = ("model.train.epochs", "finetune.epochs", "data.num_workers", "zfit.batch_size")
 POSITIVE_FLOATS = ("schedule.gamma", "zfit.lr", "finetune.lr", "model.train.lr", "zfit.max_chunk_gib")
+NON_NEGATIVE_FLOATS = ("finetune.weight_decay", "model.train.weight_decay")
 OPTIONAL_POSITIVE_INTS = ("data.finetune_subset", "data.eval_subset", "target_params")
 
 
@@ -176,12 +178,14 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, key, lambda v: v >= 1, "an integer >= 1")
     for key in NON_NEGATIVE_INTS:
         _check(cfg, key, lambda v: v >= 0, "an integer >= 0")
-    for key in POSITIVE_FLOATS:
-        _check(cfg, key, lambda v: v > 0, "a number > 0")
+    for key in POSITIVE_FLOATS:  # inf passes `> 0` and only fails hours later: finite too
+        _check(cfg, key, lambda v: 0 < v < math.inf, "a finite number > 0")
+    for key in NON_NEGATIVE_FLOATS:
+        _check(cfg, key, lambda v: 0 <= v < math.inf, "a finite number >= 0")
     for key in OPTIONAL_POSITIVE_INTS:
         _check(cfg, key, lambda v: v is None or v >= 1, "null or an integer >= 1")
     _check(cfg, "z_type.fraction", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-    _check(cfg, "decomp.damp", lambda v: v >= 0, "a number >= 0")
+    _check(cfg, "decomp.damp", lambda v: 0 <= v < math.inf, "a finite number >= 0")
     _check(cfg, "ptq.bits", lambda v: v == 0 or 2 <= v <= 8, "0 (off) or an integer 2..8")
 
 

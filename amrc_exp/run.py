@@ -6,6 +6,7 @@ is also written to `<out_dir>/results.json`.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from amrc_exp import compress
 from amrc_exp.config import validate
-from amrc_exp.errors import ConfigError
+from amrc_exp.errors import AmrcError, ConfigError, WeightsError
 from amrc_exp.io import atomic_write_json, read_json
 from amrc_exp.tracking import Tracker, make_tracker
 
@@ -58,6 +59,9 @@ def seed_everything(seed: int) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage for one config; return (and write) the results."""
     validate(cfg)  # before any heavy import or I/O: a typo fails in a second
+    out_dir = Path(cfg.out_dir)
+    _check_writable(out_dir)
+    _check_writable(Path(str(cfg.cache_dir)).expanduser(), "cache_dir")
     from amrc_exp.data import build_splits, make_loader
     from amrc_exp.evaluate import throughput, top1
     from amrc_exp.export import default_create_kwargs, save_compressed
@@ -66,9 +70,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from amrc_exp.models import build_model
     from amrc_exp.quantize import model_size_mib, quantize_
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_writable(out_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     previous = finished_result(out_dir, config)
     if previous is not None:  # a rerun of a sweep skips its finished jobs
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     amp = bool(cfg.amp) and device.type == "cuda"
     timer = StageTimer()
-    tracker: Tracker = make_tracker(cfg.logger, str(out_dir), config, name=out_dir.name)
+    tracker = Tracker()  # the real one starts once data, weights and budget are known good
     res: dict[str, Any] = {"status": "running", "config": config, "device": str(device)}
 
     try:
@@ -88,12 +89,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with timer("load"):
             model, model_info = build_model(cfg, splits)
             model.to(device).eval()
+            _check_finite_weights(model, cfg.model.weights)
+        n0 = count_params(model)
+        # Before any expensive stage: a budget the model cannot meet fails in seconds.
+        to_remove = compress.params_to_remove(n0, cfg)
+        compress.check_budget(compress.layer_specs(compress.find_compressible(model), cfg.z_type),
+                              to_remove, n0, cfg)
+        tracker = make_tracker(cfg.logger, str(out_dir), config, name=out_dir.name)
         res["model"] = model_info
         res["data"] = splits.describe()
         res["synthetic"] = bool(splits.synthetic or model_info.get("random_weights"))
         val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
                                  num_workers=cfg.data.num_workers)
-        n0 = count_params(model)
         res["params_before"] = n0
         res["size_mib_dense_fp16"] = model_size_mib(model, bits=0)
         with timer("eval_baseline"):
@@ -109,7 +116,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             spectra = compress.decompose_layers(weights, stats["calib"], cfg.decomp)
         with timer("allocate"):
             specs = compress.layer_specs(layers, cfg.z_type)
-            to_remove = compress.params_to_remove(n0, cfg)
             ranks = compress.allocate_ranks(spectra, specs, to_remove, cfg.schedule)
         with timer("compensate"):
             plans, layer_rows = compress.compensate_layers(weights, layers, spectra, ranks, stats, cfg)
@@ -130,9 +136,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with timer("finetune"):
             ft_loader = make_loader(splits.train, cfg.finetune.batch_size, shuffle=True,
                                     seed=cfg.seed, num_workers=cfg.data.num_workers)
-            res["finetune"] = partial_finetune(model, ft_loader, epochs=cfg.finetune.epochs,
-                                               lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay,
-                                               device=device, amp=amp, seed=cfg.seed)
+            try:
+                res["finetune"] = partial_finetune(model, ft_loader, epochs=cfg.finetune.epochs,
+                                                   lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay,
+                                                   device=device, amp=amp, seed=cfg.seed)
+            except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
+                if isinstance(err, AmrcError):
+                    raise
+                raise ConfigError("finetune.lr", cfg.finetune.lr, f"a smaller learning rate ({err})") from err
         if cfg.finetune.epochs:
             with timer("eval_finetuned"):
                 res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
@@ -209,13 +220,31 @@ def _throughput_pair(cfg, splits, model, device, amp, build_model, throughput) -
             "speedup": compressed_ips / dense_ips}
 
 
-def _check_writable(out_dir: Path) -> None:
-    probe = out_dir / ".write_probe"
+def _check_writable(path: Path, key: str = "out_dir") -> None:
+    """Create `path` and prove a file can be written there, before any work is done."""
+    fix = {"out_dir": "set hydra.run.dir= (or hydra.sweep.dir= for -m) to a writable path",
+           "cache_dir": "set cache_dir= (or AMRC_CACHE_DIR) to a writable path"}[key]
+    probe = path / f".write_probe.{os.getpid()}"
     try:
+        path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError("out_dir", str(out_dir), f"a writable directory ({err.strerror})") from None
+        blocker = path.absolute()
+        while not blocker.exists() and blocker.parent != blocker:
+            blocker = blocker.parent
+        why = f"{blocker} is not a directory" if not blocker.is_dir() else f"{err.strerror or err}: {blocker}"
+        raise ConfigError(key, str(path), f"a writable directory ({why}); {fix}") from None
+
+
+def _check_finite_weights(model: torch.nn.Module, source: Any) -> None:
+    """NaN/Inf in the loaded weights would poison every later stage: name the tensor now."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"model.weights={str(source)!r} holds non-finite values (NaN/Inf) in "
+                               f"{name} ({bad} of {tensor.numel()} entries): the file is corrupt or its "
+                               "training diverged; use another checkpoint")
 
 
 def _log_layers(tracker: Tracker, rows: list[dict], spectra) -> None:

@@ -68,24 +68,44 @@ class WandbTracker(Tracker):
                                   settings=settings)
         self.mode = mode
         self._wandb = wandb
+        self._broken = False
+
+    def _guard(self, what: str, fn) -> None:
+        """Tracking is a side channel: once it fails (full disk, dead W&B service), warn once and
+        stop tracking; the run and its results.json go on."""
+        if self._broken:
+            return
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - never let logging kill hours of compute
+            self._broken = True
+            log.warning("W&B %s failed (%s: %s); tracking disabled for the rest of this run, "
+                        "results.json is unaffected", what, type(err).__name__, err)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.run.log(metrics)
+        self._guard("log", lambda: self.run.log(metrics))
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        for key, value in metrics.items():
-            self.run.summary[key] = value
+        def write() -> None:
+            for key, value in metrics.items():
+                self.run.summary[key] = value
+
+        self._guard("summary", write)
 
     def bar(self, key, labels, values, title) -> None:
-        table = self._wandb.Table(data=[[l, v] for l, v in zip(labels, values)], columns=["layer", key])
-        self.run.log({key: self._wandb.plot.bar(table, "layer", key, title=title)})
+        def plot() -> None:
+            table = self._wandb.Table(data=[[l, v] for l, v in zip(labels, values)], columns=["layer", key])
+            self.run.log({key: self._wandb.plot.bar(table, "layer", key, title=title)})
+
+        self._guard("bar plot", plot)
 
     def lines(self, key, xs, ys, names, title, xname) -> None:
-        self.run.log({key: self._wandb.plot.line_series(xs=list(xs), ys=[list(y) for y in ys],
-                                                         keys=list(names), title=title, xname=xname)})
+        self._guard("line plot", lambda: self.run.log({key: self._wandb.plot.line_series(
+            xs=list(xs), ys=[list(y) for y in ys], keys=list(names), title=title, xname=xname)}))
 
     def finish(self) -> None:
-        self.run.finish()
+        self._broken = False  # always try to close the run
+        self._guard("finish", self.run.finish)
 
 
 def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None) -> Tracker:
