@@ -1,0 +1,448 @@
+"""Datasets and the train / val / calib / heldout splits every stage reads.
+
+Three sources, picked by `data.name` through the `DATASETS` registry:
+
+- `fashion_mnist`: the IDX files Debian ships (`dataset-fashion-mnist`), read directly;
+  torchvision's download is a fallback only when the files are missing AND a network exists.
+- `imagenet`: `torchvision.datasets.ImageFolder` on `<data.root>/train` and `<data.root>/val`
+  with timm's transforms for the model (train transform for fine-tuning, eval otherwise).
+- `synthetic`: seeded random tensors of the model's input shape (timing/accounting only).
+
+Every dataset item is `(float tensor C x H x W, normalised; int label)`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from amrc_exp.errors import ConfigError, DataError
+
+FMNIST_MEAN = 0.2860
+FMNIST_STD = 0.3530
+FMNIST_NUM_CLASSES = 10
+FMNIST_FILES = {  # split -> (images, labels) IDX base names; `.gz` or raw both accepted
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FMNIST_APT_HINT = "apt-get install dataset-fashion-mnist (files land in /usr/share/datasets/fashion-mnist)"
+# Host torchvision downloads Fashion-MNIST from; probed (cheaply) before any download.
+FMNIST_PROBE_HOST = ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80)
+
+# IDX type code -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "IDX format").
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+# Seed streams: independent, so changing one subset's size never reshuffles another.
+_STREAM_CALIB, _STREAM_FINETUNE, _STREAM_EVAL, _STREAM_SYN_TRAIN, _STREAM_SYN_VAL = range(5)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def network_available(host: tuple[str, int] = FMNIST_PROBE_HOST, timeout: float = 2.0) -> bool:
+    """True if a TCP connection to `host` opens within `timeout` s.
+
+    `AMRC_OFFLINE=1` (set by the tests) short-circuits to False without touching the network.
+    """
+    if os.environ.get("AMRC_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or raw, detected by magic bytes) into a numpy array.
+
+    Raises DataError on a truncated or malformed file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: IDX header says shape {shape} ({expected} bytes), file has {len(raw)}")
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)  # native order, writable
+
+
+def _find_idx(root: Path, base: str) -> Optional[Path]:
+    # Debian's layout, a raw copy, or torchvision's download layout.
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (base + ".gz", base):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike | None,
+    download_dir: str | os.PathLike | None = None,
+    network_probe: Callable[[], bool] = network_available,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST as `{"train": (60000x28x28 uint8, labels int64), "test": (10000x28x28, ...)}`.
+
+    Reads the IDX files in `root`. If they are missing and `network_probe()` says a network
+    exists, downloads them with torchvision into `download_dir` (or `root`) and reads those.
+    """
+    roots = [Path(root).expanduser()] if root else []
+    if download_dir is not None:
+        roots.append(Path(download_dir).expanduser())  # a previous fallback download
+    for candidate in roots:
+        found = {split: [_find_idx(candidate, b) for b in bases] for split, bases in FMNIST_FILES.items()}
+        if all(p is not None for paths in found.values() for p in paths):
+            return {split: _read_fmnist_split(*paths, root=root) for split, paths in found.items()}
+
+    if network_probe():
+        target = Path(download_dir or root or ".").expanduser()
+        _download_fashion_mnist(target)
+        return load_fashion_mnist(target, None, network_probe=lambda: False)
+
+    missing = ", ".join(f"{b}.gz" for bases in FMNIST_FILES.values() for b in bases)
+    raise DataError(
+        f"Fashion-MNIST IDX files not found in data.root={root!r} (looked for {missing}) and no "
+        f"network to download them. Install them with `{FMNIST_APT_HINT}` or set "
+        f"data.root=/path/to/fashion-mnist."
+    )
+
+
+def _read_fmnist_split(images_path: Path, labels_path: Path, root: Any) -> tuple[np.ndarray, np.ndarray]:
+    hint = f"Reinstall with `{FMNIST_APT_HINT}` or set data.root=/path/to/fashion-mnist (now {root!r})."
+    try:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+    except DataError as err:
+        raise DataError(f"corrupt Fashion-MNIST file: {err}. {hint}") from err
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected N x 28 x 28 uint8 images, got {images.shape} {images.dtype}. {hint}")
+    if labels.shape != (images.shape[0],) or labels.size == 0 or labels.max() >= FMNIST_NUM_CLASSES:
+        raise DataError(f"{labels_path}: labels {labels.shape} do not match images {images.shape}. {hint}")
+    return images, labels.astype(np.int64)
+
+
+def _download_fashion_mnist(target: Path) -> None:
+    from torchvision.datasets import FashionMNIST
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30.0)  # a stalled mirror must not hang the run forever
+    try:
+        FashionMNIST(str(target), train=True, download=True)
+        FashionMNIST(str(target), train=False, download=True)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/...; all mean "no data"
+        raise DataError(
+            f"Fashion-MNIST download into {target} failed ({err}). Install it with "
+            f"`{FMNIST_APT_HINT}` or set data.root=/path/to/fashion-mnist."
+        ) from err
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class FashionMNISTDataset(Dataset):
+    """uint8 28x28 images -> normalised float `in_chans x img_size x img_size` tensors.
+
+    `augment=True` (fine-tuning only): random crop with 2-pixel padding and horizontal flip,
+    drawn from torch's global RNG so a seeded run is reproducible.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, augment: bool = False,
+        img_size: int = 28, in_chans: int = 1,
+    ) -> None:
+        self.images = torch.from_numpy(images)  # shares memory: train/calib views cost nothing
+        self.labels = torch.from_numpy(labels)
+        self.augment, self.img_size, self.in_chans = augment, img_size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)[None]
+        if self.augment:
+            # Pad with the normalised value of a black pixel, not 0 (= mean grey).
+            padded = F.pad(x, (2, 2, 2, 2), value=-FMNIST_MEAN / FMNIST_STD)
+            dy, dx = torch.randint(0, 5, (2,)).tolist()
+            x = padded[:, dy: dy + 28, dx: dx + 28]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        if self.img_size != 28:  # lets a 224-pixel model run on Fashion-MNIST
+            x = F.interpolate(x[None], size=self.img_size, mode="bilinear", align_corners=False)[0]
+        if self.in_chans != 1:
+            x = x.expand(self.in_chans, -1, -1)
+        return x.contiguous(), int(self.labels[index])
+
+
+class SyntheticDataset(Dataset):
+    """Seeded random images and labels: for timing and accounting only, never for a table.
+
+    Each item is generated from its own seed, so nothing big is held in memory and any
+    subset or worker sees the same tensors.
+    """
+
+    synthetic = True
+
+    def __init__(self, num: int, shape: Sequence[int], num_classes: int, seed: int) -> None:
+        self.num, self.shape, self.seed = num, tuple(shape), seed
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_classes, (num,), generator=gen)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.num:
+            raise IndexError(index)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn(self.shape, generator=gen), int(self.labels[index])
+
+
+class TransformedView(Dataset):
+    """The same underlying items (e.g. one ImageFolder scan) seen through another transform."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), int(label)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Sources:
+    """A dataset's two splits; the train split twice: augmented (fine-tune) and eval view."""
+
+    train_augmented: Dataset
+    train_eval: Dataset
+    val: Dataset
+    num_classes: int
+    synthetic: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fashion_mnist_sources(cfg: DictConfig) -> Sources:
+    arrays = load_fashion_mnist(
+        cfg.data.root, download_dir=Path(str(cfg.cache_dir)).expanduser() / "datasets"
+    )
+    shape = dict(img_size=int(cfg.model.img_size), in_chans=int(cfg.model.in_chans))
+    (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+    return Sources(
+        train_augmented=FashionMNISTDataset(x_train, y_train, augment=True, **shape),
+        train_eval=FashionMNISTDataset(x_train, y_train, augment=False, **shape),
+        val=FashionMNISTDataset(x_test, y_test, augment=False, **shape),
+        num_classes=FMNIST_NUM_CLASSES,
+    )
+
+
+def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> Sources:
+    """ImageFolder on `<root>/train` and `<root>/val`, with timm's transforms for the model."""
+    from torchvision.datasets import ImageFolder
+
+    root = cfg.data.root
+    if not root:
+        raise DataError("data=imagenet needs its ImageFolder root: set data.root=/path/to/imagenet "
+                        "(a folder holding train/ and val/, one subfolder per class)")
+    root = Path(str(root)).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split} is not a directory: set data.root=/path/to/imagenet "
+                            f"(a folder holding train/ and val/, one subfolder per class)")
+    try:
+        train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    except (FileNotFoundError, OSError) as err:  # e.g. a class folder with no images
+        raise DataError(f"cannot read ImageFolder under data.root={str(root)!r}: {err}") from err
+    if train.classes != val.classes:
+        # ImageFolder numbers classes by sorted folder name: different sets shift every label.
+        only_train = sorted(set(train.classes) - set(val.classes))[:5]
+        only_val = sorted(set(val.classes) - set(train.classes))[:5]
+        raise DataError(f"data.root={str(root)!r}: train/ and val/ must hold the same class folders "
+                        f"(only in train: {only_train}, only in val: {only_val})")
+    if len(train.classes) > cfg.data.num_classes:
+        raise ConfigError("data.num_classes", cfg.data.num_classes,
+                          f">= {len(train.classes)} (class folders found under {root / 'train'})")
+    train_tf, eval_tf = timm_transforms(cfg, model)
+    return Sources(
+        train_augmented=TransformedView(train, train_tf),
+        train_eval=TransformedView(train, eval_tf),
+        val=TransformedView(val, eval_tf),
+        num_classes=int(cfg.data.num_classes),
+        info={"classes_found": len(train.classes)},
+    )
+
+
+def timm_transforms(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's data config for the model (or its name)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    import amrc_exp.models.registry  # noqa: F401  (embedded names resolve their cfg too)
+
+    input_size = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
+    if model is not None:
+        data_cfg = resolve_data_config({"input_size": input_size}, model=model)
+    else:
+        pretrained = timm.models.get_pretrained_cfg(str(cfg.model.name))
+        data_cfg = resolve_data_config(
+            {"input_size": input_size}, pretrained_cfg=pretrained.to_dict() if pretrained else None
+        )
+    for key in ("mean", "std"):  # a 1-channel model on 3-channel defaults: average the stats
+        if len(data_cfg[key]) != input_size[0]:
+            data_cfg[key] = (float(np.mean(data_cfg[key])),) * input_size[0]
+    train_tf = create_transform(**data_cfg, is_training=True)
+    eval_tf = create_transform(**data_cfg, is_training=False)
+    return train_tf, eval_tf
+
+
+def synthetic_sources(cfg: DictConfig) -> Sources:
+    shape = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
+    num_classes = int(cfg.data.num_classes)
+    train = SyntheticDataset(int(cfg.data.num_train), shape, num_classes, seed=_seed(cfg.seed, _STREAM_SYN_TRAIN))
+    val = SyntheticDataset(int(cfg.data.num_val), shape, num_classes, seed=_seed(cfg.seed, _STREAM_SYN_VAL))
+    return Sources(train, train, val, num_classes=num_classes, synthetic=True)
+
+
+# data.name -> builder(cfg, model) -> Sources
+DATASETS: dict[str, Callable[..., Sources]] = {
+    "fashion_mnist": lambda cfg, model=None: fashion_mnist_sources(cfg),
+    "imagenet": imagenet_sources,
+    "synthetic": lambda cfg, model=None: synthetic_sources(cfg),
+}
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Splits:
+    """What every stage reads. Subsets index into the full splits; sizes in `describe()`."""
+
+    train: Dataset  # fine-tuning (augmented), full train split or a seeded subset
+    val: Dataset  # evaluation: the test/val split or a seeded subset
+    calib: Dataset  # calibration proxy set: seeded subset of train, eval transforms
+    heldout: Dataset  # seeded subset of train disjoint from calib, eval transforms
+    synthetic: bool
+    num_classes: int
+    train_full: Optional[Dataset] = None  # the whole augmented train split (embedded training)
+    train_plain: Optional[Dataset] = None  # the whole train split, eval transforms (calib's base)
+    val_full: Optional[Dataset] = None  # the whole val split (embedded model's test top-1)
+    name: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """Short summary for results.json."""
+        return {
+            "name": self.name, "synthetic": self.synthetic, "num_classes": self.num_classes,
+            "train": len(self.train), "val": len(self.val),
+            "calib": len(self.calib), "heldout": len(self.heldout), **self.info,
+        }
+
+
+def build_splits(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> Splits:
+    """Build train / val / calib / heldout for the run config `cfg` (data, model, calib, seed).
+
+    `model` (optional) only refines the timm transforms of ImageFolder data.
+    """
+    name = str(cfg.data.name)
+    if name not in DATASETS:
+        raise ConfigError("data.name", name, "one of " + ", ".join(DATASETS))
+    sources = DATASETS[name](cfg, model=model)
+    if sources.num_classes > int(cfg.model.num_classes):
+        raise ConfigError("model.num_classes", cfg.model.num_classes,
+                          f">= {sources.num_classes} (the classes of data={name})")
+
+    n_train, n_val = len(sources.train_eval), len(sources.val)
+    n_calib, n_held = int(cfg.calib.num_samples), int(cfg.calib.heldout_samples)
+    if n_calib + n_held > n_train:
+        raise ConfigError("calib.num_samples", n_calib,
+                          f"at most {max(n_train - n_held, 0)}: calib.num_samples + calib.heldout_samples "
+                          f"({n_held}) must fit in the {n_train}-image train split")
+    perm = _permutation(n_train, _seed(cfg.seed, _STREAM_CALIB))
+    calib_idx, held_idx = np.sort(perm[:n_calib]), np.sort(perm[n_calib: n_calib + n_held])
+
+    train = _maybe_subset(sources.train_augmented, cfg.data.finetune_subset, "data.finetune_subset",
+                          _seed(cfg.seed, _STREAM_FINETUNE))
+    val = _maybe_subset(sources.val, cfg.data.eval_subset, "data.eval_subset", _seed(cfg.seed, _STREAM_EVAL))
+    return Splits(
+        train=train, val=val,
+        calib=Subset(sources.train_eval, calib_idx.tolist()),
+        heldout=Subset(sources.train_eval, held_idx.tolist()),
+        synthetic=sources.synthetic or bool(cfg.data.synthetic),
+        num_classes=sources.num_classes,
+        train_full=sources.train_augmented, train_plain=sources.train_eval, val_full=sources.val, name=name,
+        info={"root": None if cfg.data.root is None else str(cfg.data.root), "seed": int(cfg.seed),
+              "train_full": n_train, "val_full": n_val, **sources.info},
+    )
+
+
+def _seed(seed: int, stream: int) -> int:
+    # One int per (run seed, purpose): stable across numpy/torch versions.
+    return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+
+
+def _permutation(n: int, seed: int) -> np.ndarray:
+    return np.random.Generator(np.random.PCG64(seed)).permutation(n)
+
+
+def _maybe_subset(dataset: Dataset, size: Optional[int], key: str, seed: int) -> Dataset:
+    if size is None:
+        return dataset
+    if size > len(dataset):
+        raise ConfigError(key, size, f"null or at most {len(dataset)} (the split's size)")
+    return Subset(dataset, np.sort(_permutation(len(dataset), seed)[:size]).tolist())
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose order (and workers' RNG) depends only on `seed`."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        num_workers=num_workers, drop_last=drop_last, worker_init_fn=_seed_worker,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy/random follow it.
+    import random
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)

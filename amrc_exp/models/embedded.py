@@ -1,0 +1,192 @@
+"""Train the embedded model (`model.weights=train`) once, then serve it from a disk cache.
+
+The recipe: AdamW (no decay on biases / norms / pos-embed / cls token), linear warmup then
+cosine decay per step, cross-entropy, light augmentation (random crop with 2-pixel padding and
+horizontal flip, in the dataset), a seeded loader. The cache key is a hash of exactly the
+fields the trained weights depend on, so sweeps over compression settings train once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from amrc_exp.data import Splits, make_loader
+from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
+from amrc_exp.models.registry import EMBEDDED_ARCHS
+
+# Bump when the training recipe changes in a way that changes the weights: old caches retire.
+RECIPE_VERSION = 1
+WARMUP_FRACTION = 0.05  # of all steps; short, since the runs are only a few epochs
+EVAL_BATCH_SIZE = 500
+
+
+def train_embedded(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
+    """Train `model` in place with `cfg.model.train`; return metrics (test top-1 on the full val split)."""
+    # Forked RNG: seeded here (augmentation and loader order reproducible), and the
+    # caller's global RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        return _train(model, splits, cfg)
+
+
+def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
+    train_cfg = cfg.model.train
+    train_set = splits.train_full if splits.train_full is not None else splits.train
+    loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True,
+                         seed=int(cfg.seed), num_workers=int(cfg.data.num_workers), drop_last=True)
+    total_steps = max(1, int(train_cfg.epochs) * len(loader))
+    warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
+    optimizer = _adamw(model, float(train_cfg.lr), float(train_cfg.weight_decay))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
+
+    model.train()
+    start = time.perf_counter()
+    correct = seen = 0
+    with tqdm(total=total_steps, desc=f"train {cfg.model.name}", unit="step",
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+        for epoch in range(int(train_cfg.epochs)):
+            correct = seen = 0  # running train top-1 of the last epoch is what gets reported
+            for images, labels in loader:
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(labels)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    train_seconds = time.perf_counter() - start
+    test_top1 = evaluate_top1(model, splits.val_full)
+    model.eval()
+    return {
+        "train_seconds": round(train_seconds, 2),
+        "train_top1": round(100.0 * correct / max(seen, 1), 3),
+        "test_top1": round(test_top1, 3),
+        "epochs": int(train_cfg.epochs),
+        "steps": total_steps,
+    }
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Top-1 accuracy (percent) of `model` on `dataset`, in eval mode."""
+    model.eval()
+    correct = total = 0
+    for images, labels in make_loader(dataset, batch_size, shuffle=False, seed=0):
+        correct += int((model(images).argmax(-1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
+def embedded_cache_fields(cfg: DictConfig) -> dict[str, Any]:
+    """Exactly the config fields the trained weights depend on (and the recipe version)."""
+    name = str(cfg.model.name)
+    return {
+        "recipe": RECIPE_VERSION,
+        "model": {
+            "name": name,
+            "arch": EMBEDDED_ARCHS.get(name),  # a resized registry entry retires old caches
+            "img_size": int(cfg.model.img_size),
+            "in_chans": int(cfg.model.in_chans),
+            "num_classes": int(cfg.model.num_classes),
+            "kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True),
+            "train": OmegaConf.to_container(cfg.model.train, resolve=True),
+        },
+        "seed": int(cfg.seed),
+        "data": {"name": str(cfg.data.name), "root": None if cfg.data.root is None else str(cfg.data.root)},
+    }
+
+
+def cache_paths(cfg: DictConfig) -> tuple[Path, Path]:
+    """(<cache_dir>/embedded/<key>.safetensors, <key>.json) for this config."""
+    key = cache_key(embedded_cache_fields(cfg))
+    folder = Path(str(cfg.cache_dir)).expanduser() / "embedded"
+    return folder / f"{key}.safetensors", folder / f"{key}.json"
+
+
+def load_or_train(model: nn.Module, cfg: DictConfig, splits: Splits) -> dict[str, Any]:
+    """Load the cached trained weights into `model`, or train and cache them.
+
+    Returns the metrics plus {"cached": bool, "weights_path": ...}. A corrupt or incomplete
+    cache entry is reported with a warning and retrained. Concurrent jobs (a parallel sweep)
+    wait on a file lock, so only one of them trains.
+    """
+    weights_path, meta_path = cache_paths(cfg)
+    with _file_lock(weights_path.with_suffix(".lock")):
+        metrics = _load_cached(model, weights_path, meta_path)
+        if metrics is not None:
+            return {**metrics, "cached": True, "weights_path": str(weights_path)}
+        metrics = train_embedded(model, splits, cfg)
+        _save_cache(model, weights_path, meta_path, {**metrics, "fields": embedded_cache_fields(cfg)})
+    return {**metrics, "cached": False, "weights_path": str(weights_path)}
+
+
+def _load_cached(model: nn.Module, weights_path: Path, meta_path: Path) -> dict[str, Any] | None:
+    if not weights_path.exists() and not meta_path.exists():
+        return None
+    from amrc_exp.errors import WeightsError
+    from amrc_exp.models.weights import load_file
+
+    try:
+        metrics = read_json(meta_path)  # written last: its absence means an interrupted save
+        load_file(model, weights_path)
+    except (OSError, ValueError, WeightsError) as err:
+        warnings.warn(f"embedded-model cache entry {weights_path} is unreadable ({err}); retraining",
+                      stacklevel=3)
+        return None
+    return {k: v for k, v in metrics.items() if k != "fields"}
+
+
+def _save_cache(model: nn.Module, weights_path: Path, meta_path: Path, metrics: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(state_dict, str(tmp))
+    atomic_write_json(meta_path, metrics)  # the commit marker: written after the weights
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # Decay only matrices: biases, norms, pos-embed and cls token are excluded (timm's rule).
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (keep if param.ndim <= 1 or name in no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

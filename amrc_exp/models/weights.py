@@ -1,0 +1,188 @@
+"""Loading weights: timm's pretrained hub weights (cache first, never hang offline) and local files.
+
+Every failure a user can fix raises `WeightsError` naming the override to set
+(`model.weights=/path/to/weights.safetensors`, `model.weights=random`, `model.num_classes=...`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from amrc_exp.data import network_available
+from amrc_exp.errors import WeightsError
+
+WEIGHTS_HINT = "set model.weights=/path/to/weights.safetensors (or model.weights=random for timing only)"
+# Checkpoint wrappers, in timm's order of preference (EMA weights first, as timm's loader does).
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Prefixes added by DistributedDataParallel and torch.compile.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+_SHOW = 5  # how many keys of each kind an error message lists
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+def hub_offline() -> bool:
+    """True when the HF hub must not be contacted (HF_HUB_OFFLINE / AMRC_OFFLINE or no route)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    return not network_available((endpoint.hostname or "huggingface.co", port), timeout=2.0)
+
+
+def cached_hub_file(name: str) -> Optional[str]:
+    """Local path of `name`'s pretrained weights if already in the HF or torch-hub cache."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+        filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILENAMES
+        for filename in filenames:
+            found = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if cached.is_file():
+            return str(cached)
+    return None
+
+
+def load_hub(name: str, create_kwargs: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """`timm.create_model(name, pretrained=True, **create_kwargs)`, offline-safe.
+
+    Looks in the local caches first; goes online only when the hub is reachable, so with no
+    network it fails in seconds with a WeightsError instead of retrying for minutes.
+    Returns the model and {"weights_path": local file or hub id}.
+    """
+    import timm
+
+    create_kwargs = dict(create_kwargs or {})
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm has no pretrained weights for model.name={name}: {WEIGHTS_HINT}; "
+                           f"embedded models (fmnist_vit*) are trained by us: model.weights=train")
+    local = cached_hub_file(name)
+    if local is not None:
+        # A `file` overlay makes timm load the cached file itself: no hub call, same filters.
+        model = _create_pretrained(name, dict(create_kwargs, pretrained_cfg_overlay={"file": local}))
+        return model, {"weights_path": local}
+    if hub_offline():
+        raise WeightsError(
+            f"pretrained weights for {name} ({cfg.hf_hub_id or cfg.url}) are not in the local cache "
+            f"and the hub is unreachable (offline): {WEIGHTS_HINT}"
+        )
+    return _create_pretrained(name, create_kwargs), {"weights_path": cfg.hf_hub_id or cfg.url}
+
+
+def _create_pretrained(name: str, create_kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, **create_kwargs)
+    except (WeightsError, TypeError):
+        raise  # TypeError: a kwarg the family refuses (img_size); the caller retries without it
+    except Exception as err:  # network, hash, or format errors from timm/hf: all "no weights"
+        raise WeightsError(f"loading pretrained weights for {name} failed ({type(err).__name__}: "
+                           f"{err}): {WEIGHTS_HINT}") from err
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .safetensors / .pth / .pt / .bin file into a flat {name: tensor} state dict."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: model.weights={str(path)!r}; {WEIGHTS_HINT}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file as load_safetensors
+
+            checkpoint: Any = load_safetensors(str(path), device="cpu")
+        else:
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors/pickle/zip errors on corrupt bytes: all unreadable
+        raise WeightsError(f"cannot read weights file model.weights={str(path)!r} "
+                           f"({type(err).__name__}: {err}); is it corrupt? {WEIGHTS_HINT}") from err
+    return _unwrap(checkpoint, path)
+
+
+def _unwrap(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, Mapping):
+        for key in STATE_DICT_KEYS:
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise WeightsError(f"model.weights={str(path)!r} holds no state dict (expected a "
+                           f"{{name: tensor}} dict, possibly under one of {STATE_DICT_KEYS})")
+    state_dict = {}
+    for key, value in checkpoint.items():
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state_dict[key] = value
+    return state_dict
+
+
+def load_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a weights file into `model` with a strict check; WeightsError with a readable diff."""
+    state_dict = read_state_dict(path)
+    check_state_dict(model, state_dict, source=f"model.weights={str(path)!r}")
+    model.load_state_dict(state_dict, strict=True)
+    return {"weights_path": str(Path(path).expanduser()), "tensors": len(state_dict)}
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise WeightsError listing missing / unexpected / mis-shaped keys, with the fix to apply."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not match the model's architecture:"]
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            lines.append(f"  {len(keys)} {label} keys: {', '.join(keys[:_SHOW])}{' ...' if len(keys) > _SHOW else ''}")
+    if mismatched:
+        shown = [f"{k} file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched[:_SHOW]]
+        lines.append(f"  {len(mismatched)} shape mismatches: {'; '.join(shown)}{' ...' if len(mismatched) > _SHOW else ''}")
+    lines += _hints(model, state_dict, mismatched)
+    if missing or unexpected:
+        lines.append("  (is model.name the architecture the file was saved from?)")
+    raise WeightsError("\n".join(lines))
+
+
+def _hints(model: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatched: list[str]) -> list[str]:
+    """Turn the usual shape mismatches into the override that fixes them."""
+    hints = []
+    classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head")
+    head_key = f"{classifier}.weight"
+    if head_key in mismatched:
+        hints.append(f"  the file's head has {state_dict[head_key].shape[0]} classes: "
+                     f"set model.num_classes={state_dict[head_key].shape[0]}")
+    first_conv = str(getattr(model, "pretrained_cfg", {}).get("first_conv") or "patch_embed.proj")
+    conv_key = f"{first_conv}.weight"
+    if conv_key in mismatched and state_dict[conv_key].ndim == 4:
+        hints.append(f"  the file's input has {state_dict[conv_key].shape[1]} channels: "
+                     f"set model.in_chans={state_dict[conv_key].shape[1]}")
+    if "pos_embed" in mismatched:
+        hints.append("  the position embedding differs: check model.img_size")
+    return hints

@@ -1,0 +1,261 @@
+"""Model creation, weight loading and the embedded model's train-once cache.
+
+No test touches the network (AMRC_OFFLINE=1, HF_HUB_OFFLINE=1, empty HF/torch caches).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+from amrc_exp.config import register_schema
+from amrc_exp.errors import ConfigError, WeightsError
+from amrc_exp.models import build_model
+from amrc_exp.models.embedded import cache_paths, embedded_cache_fields, load_or_train
+from amrc_exp.models.weights import load_file
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+# Parameter counts as timm reports them (Table 2's params column for the paper's models).
+TIMM_PARAMS = {
+    "deit_t": 5_717_416, "deit_s": 22_050_664, "deit_b": 86_567_656, "vit_b": 86_567_656,
+    "vit_l": 304_326_632, "swin_b": 87_768_224,
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    # Never reach a host; every cache (ours, HF's, torch hub's) is the test's empty temp dir.
+    monkeypatch.setenv("AMRC_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("AMRC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def make_cfg(*overrides: str):
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def vit_params(dim: int, depth: int, mlp: int, patch: int, chans: int, tokens: int, classes: int) -> int:
+    """Independent count of a timm VisionTransformer's parameters (cls token, learned pos-embed)."""
+    block = 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (dim * mlp + mlp) + (mlp * dim + dim)
+    embed = patch * patch * chans * dim + dim + dim + (tokens + 1) * dim
+    return embed + depth * block + 2 * dim + dim * classes + classes
+
+
+def seeded_model(name: str = "fmnist_vit", seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# ----------------------------------------------------------------------------- build_model
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in CONF_DIR.glob("model/*.yaml")))
+def test_every_model_option_builds_with_random_weights(option):
+    cfg = make_cfg(f"model={option}", "model.weights=random")
+    model, info = build_model(cfg)
+    assert not model.training and info["random_weights"] and info["weights"] == "random"
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    if option in TIMM_PARAMS:
+        assert info["params"] == TIMM_PARAMS[option]
+    x = torch.randn(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    if info["params"] < 30e6:  # a forward pass on the small ones only: keeps the suite fast
+        with torch.no_grad():
+            assert model(x).shape == (1, cfg.model.num_classes)
+
+
+def test_embedded_models_are_timm_vits_with_patch_4():
+    from timm.models.vision_transformer import VisionTransformer
+
+    for name, (dim, depth) in {"fmnist_vit": (128, 6), "fmnist_vit_small": (96, 5)}.items():
+        model = timm.create_model(name)
+        assert isinstance(model, VisionTransformer) and model.patch_embed.num_patches == 49
+        assert sum(p.numel() for p in model.parameters()) == vit_params(dim, depth, 4 * dim, 4, 1, 49, 10)
+    small, large = (sum(p.numel() for p in timm.create_model(n).parameters()) for n in ("fmnist_vit_small", "fmnist_vit"))
+    assert 0.35 < small / large < 0.6  # the Table 3 sibling is roughly half the size
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ConfigError, match="model.name") as err:
+        build_model(make_cfg("model.name=deit_tiny_patch16", "model.weights=random"))
+    assert "deit_tiny_patch16_224" in str(err.value)
+
+
+def test_hub_offline_fails_fast_naming_model_weights():
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="model.weights=") as err:
+        build_model(make_cfg("model=deit_t", "model.weights=hub"))
+    assert time.perf_counter() - start < 10
+    assert "model.weights=random" in str(err.value)
+
+
+def test_hub_loads_from_local_cache_without_network(tmp_path):
+    """A pretrained file already in the HF cache is used offline (laid out as the hub does)."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    reference = seeded_model("deit_tiny_patch16_224", seed=3)
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--timm--deit_tiny_patch16_224.fb_in1k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    model, info = build_model(make_cfg("model=deit_t", "model.weights=hub"))
+    assert info["weights"] == "hub" and not info["random_weights"]
+    assert info["weights_path"].endswith("model.safetensors")
+    assert_same_weights(model, reference)
+
+
+# ----------------------------------------------------------------------------- weight files
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth_model_wrapper", "pth_ddp_prefix", "bin_state_dict"])
+def test_weight_file_roundtrip_is_exact(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    reference = seeded_model(seed=1)
+    state = reference.state_dict()
+    path = tmp_path / f"w.{fmt.split('_')[0]}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    elif fmt == "pth":
+        torch.save(state, path)
+    elif fmt == "pth_model_wrapper":
+        torch.save({"model": state, "epoch": 3}, path)
+    elif fmt == "pth_ddp_prefix":
+        torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    else:
+        torch.save({"state_dict": state, "optimizer": {}}, path)
+    model, info = build_model(make_cfg(f"model.weights={path}"))
+    assert info["weights"] == "file" and info["weights_path"] == str(path) and not info["random_weights"]
+    assert_same_weights(model, reference)
+    assert not torch.equal(model.head.weight, seeded_model(seed=2).head.weight)  # not a fluke of the init
+
+
+def test_weights_of_another_architecture_list_the_diff(tmp_path):
+    torch.save(seeded_model("resnet10t", num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(WeightsError) as err:
+        load_file(seeded_model(), tmp_path / "resnet.pth")
+    message = str(err.value)
+    assert "missing keys" in message and "unexpected keys" in message and "model.weights=" in message
+    assert "cls_token" in message and "conv1" in message
+
+    torch.save(seeded_model("fmnist_vit_small").state_dict(), tmp_path / "small.pth")
+    with pytest.raises(WeightsError, match="shape mismatches") as err:
+        load_file(seeded_model(), tmp_path / "small.pth")
+    assert "12 missing keys" in str(err.value)  # block 5 of the depth-6 model: 12 tensors per block
+
+
+def test_wrong_class_count_says_set_num_classes(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(seeded_model(num_classes=5).state_dict(), str(tmp_path / "five.safetensors"))
+    with pytest.raises(WeightsError, match=r"model\.num_classes=5"):
+        build_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}"))
+    model, _ = build_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}", "model.num_classes=5"))
+    assert model.head.out_features == 5
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_corrupt_or_missing_weights_file(tmp_path, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(WeightsError, match="model.weights="):
+        build_model(make_cfg(f"model.weights={path}"))
+    with pytest.raises(WeightsError, match="model.weights="):
+        build_model(make_cfg(f"model.weights={tmp_path / 'absent.safetensors'}"))
+
+
+# ----------------------------------------------------------------------------- embedded training + cache
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path) -> Path:
+    """The first 256 train / 128 test images of the real Fashion-MNIST, as a data.root."""
+    from amrc_exp.data import load_fashion_mnist
+
+    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed")
+    arrays = load_fashion_mnist(FMNIST_ROOT)
+    root = tmp_path / "tiny_fmnist"
+    root.mkdir()
+    for split, prefix, n in (("train", "train", 256), ("test", "t10k", 128)):
+        images, labels = arrays[split]
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels[:n])
+    return root
+
+
+def test_train_then_cache_roundtrip_and_corrupt_entry(tiny_fmnist):
+    from amrc_exp.data import build_splits
+
+    cfg = make_cfg(f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=64",
+                   "calib.num_samples=32", "calib.heldout_samples=16", "data.finetune_subset=null")
+    splits = build_splits(cfg)
+    first, info = build_model(cfg, splits)
+    assert info["weights"] == "train" and info["cached"] is False and not info["random_weights"]
+    assert info["steps"] == 2 * (256 // 64) and 0 <= info["test_top1"] <= 100 and info["train_seconds"] > 0
+    weights_path, meta_path = cache_paths(cfg)
+    assert info["weights_path"] == str(weights_path) and weights_path.is_file()
+    assert json.loads(meta_path.read_text())["test_top1"] == info["test_top1"]
+    # Independent check of the reported accuracy.
+    with torch.no_grad():
+        x = torch.stack([splits.val_full[i][0] for i in range(128)])
+        y = torch.tensor([splits.val_full[i][1] for i in range(128)])
+        assert abs(100.0 * (first(x).argmax(-1) == y).float().mean().item() - info["test_top1"]) < 1e-3
+
+    second, info2 = build_model(cfg, splits)
+    assert info2["cached"] is True and info2["test_top1"] == info["test_top1"]
+    assert_same_weights(first, second)
+
+    weights_path.write_bytes(b"corrupt")
+    with pytest.warns(UserWarning, match="retraining"):
+        third, info3 = build_model(cfg, splits)
+    assert info3["cached"] is False
+    assert_same_weights(first, third)  # seeded: retraining reproduces the same weights
+
+    meta_path.unlink()  # an interrupted save (weights written, metrics not) is retrained too
+    with pytest.warns(UserWarning, match="retraining"):
+        assert build_model(cfg, splits)[1]["cached"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_model(cfg, splits)[1]["cached"] is True
+
+
+def test_cache_key_depends_on_exactly_the_training_fields():
+    base = make_cfg()
+    key = lambda *o: cache_paths(make_cfg(*o))[0].name  # noqa: E731
+    assert key() == key("ratio=0.3", "z_type=diagonal", "calib.num_samples=512", "finetune.epochs=1")
+    for override in ("model.train.lr=1e-3", "model.train.epochs=3", "seed=1", "data.root=/elsewhere",
+                     "+model.kwargs.drop_path_rate=0.1", "model=fmnist_vit_small"):
+        assert key(override) != key(), override
+    assert embedded_cache_fields(base)["model"]["arch"]["patch_size"] == 4

@@ -1,0 +1,108 @@
+"""notebooks/figures.ipynb runs headless (nbclient) on a tiny embedded sweep's output and saves
+Figs 1-3 as PNG; amrc_exp.sensitivity produces Fig 2's data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "figures.ipynb"
+TINY = ["model=fmnist_vit_small", "model.weights=random", "calib.num_samples=32", "calib.heldout_samples=16",
+        "calib.batch_size=16", "zfit.iters=10", "zfit.batch_size=16", "data.eval_subset=64",
+        "data.finetune_subset=64", "finetune.batch_size=32", "eval.batch_size=64", "finetune.epochs=0"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, AMRC_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_SILENT="true", OMP_NUM_THREADS="1", **extra)
+    env.pop("AMRC_CACHE_DIR", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def sweep_output(tmp_path_factory):
+    """A tiny table2_embedded sweep (svd, asvd_mean, asvd_whiten) and a tiny fig2_embedded sweep."""
+    root = tmp_path_factory.mktemp("nb")
+    cache = root / "cache"
+    t2 = subprocess.run(
+        [sys.executable, "-m", "amrc_exp", "-m", "--config-dir", "sweeps", "--config-name", "table2_embedded",
+         f"hydra.sweep.dir={root / 't2'}", f"cache_dir={cache}", "method=paper,ours,svd_ft", "ratio=0.5", *TINY],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert t2.returncode == 0, (t2.stdout + t2.stderr)[-3000:]
+    fig2 = subprocess.run(
+        [sys.executable, "-m", "amrc_exp.sensitivity", "-m", "--config-dir", "sweeps", "--config-name", "fig2_embedded",
+         f"hydra.sweep.dir={root / 'fig2'}", f"cache_dir={cache}", "decomp=asvd_whiten",
+         "sensitivity.fractions=[0.5,0.1]", *TINY],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert fig2.returncode == 0, (fig2.stdout + fig2.stderr)[-3000:]
+    return root
+
+
+def test_sensitivity_output(sweep_output):
+    (path,) = (sweep_output / "fig2").rglob("sensitivity.json")
+    res = json.loads(path.read_text())
+    assert res["status"] == "complete" and res["synthetic"] is True and res["decomp"] == "asvd_whiten"
+    assert res["fractions"] == [0.5, 0.1]
+    assert sorted(res["blocks"]) == [f"blocks.{i}" for i in range(5)]  # fmnist_vit_small: depth 5
+    assert sorted(res["types"]) == ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2"]
+    assert all(len(v) == 2 and all(0 <= a <= 100 for a in v) for v in {**res["blocks"], **res["types"]}.values())
+    # ranks kept: round(fraction * min(in, out)), independently from the layer shapes
+    for layer, ranks in res["ranks"]["types"]["mlp.fc1"].items():
+        shape = res["layers"][layer]
+        assert ranks == [max(1, round(f * min(shape["n_in"], shape["n_out"]))) for f in (0.5, 0.1)]
+
+
+def test_rank_reduction_restores_weights():
+    import torch
+
+    from amrc_exp.math.decompose import decompose
+    from amrc_exp.sensitivity import group_layers, reduced_rank
+
+    torch.manual_seed(0)
+    layers = {"blocks.0.attn.qkv": torch.nn.Linear(8, 12), "blocks.0.mlp.fc1": torch.nn.Linear(8, 16),
+              "blocks.1.attn.qkv": torch.nn.Linear(8, 12)}
+    spectra = {n: decompose("svd", l.weight.detach().double().T) for n, l in layers.items()}
+    before = {n: l.weight.detach().clone() for n, l in layers.items()}
+    assert group_layers(list(layers), "blocks") == {"blocks.0": ["blocks.0.attn.qkv", "blocks.0.mlp.fc1"],
+                                                    "blocks.1": ["blocks.1.attn.qkv"]}
+    assert group_layers(list(layers), "types") == {"attn.qkv": ["blocks.0.attn.qkv", "blocks.1.attn.qkv"],
+                                                   "mlp.fc1": ["blocks.0.mlp.fc1"]}
+    with reduced_rank(layers, spectra, ["blocks.0.attn.qkv"], 0.25) as ranks:
+        assert ranks == {"blocks.0.attn.qkv": 2}
+        w = layers["blocks.0.attn.qkv"].weight.detach().double()
+        u, s, vh = torch.linalg.svd(before["blocks.0.attn.qkv"].double())
+        assert torch.allclose(w, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5)  # best rank-2 approximation
+        assert torch.equal(layers["blocks.1.attn.qkv"].weight, before["blocks.1.attn.qkv"])  # others untouched
+    assert all(torch.equal(layers[n].weight, before[n]) for n in layers)  # restored
+
+
+def test_notebook_executes_headless(sweep_output, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    figs = tmp_path / "figs"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    env = {"AMRC_SWEEP_DIRS": str(sweep_output / "t2"), "AMRC_FIG2_DIRS": str(sweep_output / "fig2"),
+           "AMRC_FIG_DIR": str(figs)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits them
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "3 complete compression run(s), 1 sensitivity run(s)" in text
+    assert "skipped" not in text
+    for name in ("fig1_energy_loss.png", "fig2_rank_sensitivity.png", "fig3_layer_error.png"):
+        png = figs / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+          if "text/markdown" in o.get("data", {})]
+    assert any(m.startswith("## Table 2.") and "Vanilla SVD (no FT)" in m and "asvd_whiten" in m for m in md)

@@ -1,0 +1,226 @@
+"""sweeps/: every table's multirun config composes to the documented grid, and a sweep killed
+midway resumes without losing or duplicating a finished job (end to end, via subprocess)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import amrc_exp.config  # noqa: F401  (conftest registers the schema)
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "sweeps"
+CONF = ROOT / "conf"
+TABLE_CONFIGS = sorted(p.stem for p in SWEEPS.glob("table*.yaml"))
+FIG_CONFIGS = sorted(p.stem for p in SWEEPS.glob("fig*.yaml"))
+METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
+    "paper": ("asvd_mean", "exp", "lowrank", "gd"),
+    "ours": ("asvd_whiten", "exp", "lowrank", "closed_form"),
+    "svd_ft": ("svd", "uniform", "none", "gd"),
+}
+# Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
+# samples everywhere. Every such run must come out marked synthetic.
+TINY = ["model=fmnist_vit_small", "model.weights=random", "calib.num_samples=32", "calib.heldout_samples=16",
+        "calib.batch_size=16", "zfit.iters=10", "zfit.batch_size=16", "data.eval_subset=64",
+        "data.finetune_subset=64", "finetune.batch_size=32", "eval.batch_size=64"]
+
+
+def compose_sweep(name: str, overrides: list[str] = ()):
+    """Compose a sweep config as `python -m amrc_exp --config-dir sweeps --config-name NAME` would."""
+    from amrc_exp.sensitivity import SensitivityRunConfig
+    from hydra.core.config_store import ConfigStore
+
+    if name.startswith("fig"):  # the sensitivity entry point's schema (run schema + `sensitivity`)
+        ConfigStore.instance().store(name="config_schema", node=SensitivityRunConfig)
+    try:
+        with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+            return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides],
+                           return_hydra_config=True)
+    finally:
+        amrc_exp.config.register_schema()
+
+
+def grid(cfg) -> list[list[str]]:
+    """The jobs of a sweep config: the cartesian product of hydra.sweeper.params."""
+    params = cfg.hydra.sweeper.params
+    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def test_every_table_and_scale_has_a_sweep_config():
+    assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
+    assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
+
+
+@pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS)
+def test_sweep_config_jobs_compose(name):
+    import timm
+
+    import amrc_exp.models  # noqa: F401  (registers the embedded models in timm)
+
+    base = compose_sweep(name)
+    # fixed sweep dir per config and one sub-directory per override set: reruns map to the same dirs
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
+    assert sweep == {"dir": "outputs/sweeps/${hydra.job.config_name}", "subdir": "${hydra.job.override_dirname}"}
+    assert base.hydra.job.config_name == name
+    assert {"model.weights", "data.root", "cache_dir"} <= set(base.hydra.job.config.override_dirname.exclude_keys)
+    jobs = grid(base)
+    expected = {"table1_embedded": 10, "table1_paper": 10, "table2_embedded": 9, "table2_paper": 36,
+                "table3_embedded": 3, "table3_paper": 9, "table4_embedded": 6, "table4_paper": 6,
+                "fig2_embedded": 3, "fig2_paper": 3}[name]
+    assert len(jobs) == expected
+    dirs = set()
+    for job in jobs:
+        cfg = compose_sweep(name, job)
+        dirs.add(cfg.hydra.job.override_dirname)
+        assert timm.is_model(cfg.model.name)
+        method = dict(o.split("=", 1) for o in job).get("method")
+        if method in METHOD and "z_type" not in dict(o.split("=", 1) for o in job):
+            assert (cfg.decomp.name, cfg.schedule.name, cfg.z_type.name, cfg.zfit.solver) == METHOD[method]
+        if method == "dense" or "dense" in str(cfg.get("t3", "")):
+            assert cfg.ratio == 0.0 and cfg.target_params is None and cfg.finetune.epochs == 0
+        if name.endswith("_embedded"):
+            assert cfg.model.name.startswith("fmnist_vit") and cfg.data.name == "fashion_mnist"
+            assert cfg.device == "cpu" and cfg.logger.name == "none"
+        else:
+            assert cfg.data.name == "imagenet" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+            assert (cfg.calib.num_samples, cfg.zfit.iters) == (1024, 2000)  # the paper's Sec 4.1
+            if not name.startswith(("table1", "fig")) and method != "dense" and cfg.ratio > 0:
+                assert cfg.finetune.epochs == 20
+        if name.startswith("table1"):
+            assert cfg.finetune.epochs == 0 and cfg.ratio == 0.5
+    assert len(dirs) == len(jobs)  # one directory per job
+
+
+def test_table2_grid_is_models_methods_ratios():
+    cfg = compose_sweep("table2_paper")
+    params = {k: set(str(v).split(",")) for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"model": {"deit_b", "deit_s", "vit_b", "swin_b"}, "method": {"paper", "ours", "svd_ft"},
+                      "ratio": {"0.4", "0.5", "0.6"}}
+
+
+def test_table3_targets():
+    """Embedded: fmnist_vit to fmnist_vit_small's exact size; paper: the printed compressed sizes."""
+    import timm
+
+    import amrc_exp.models  # noqa: F401
+
+    small = timm.create_model("fmnist_vit_small", img_size=28, in_chans=1, num_classes=10)
+    n_small = sum(p.numel() for p in small.parameters())
+    cfg = compose_sweep("table3_embedded", ["t3=fmnist_vit_ours"])
+    assert cfg.model.name == "fmnist_vit" and cfg.target_params == n_small
+    for job, model, target in (("vit_l_paper", "vit_large_patch16_224", 86_000_000),
+                               ("deit_b_ours", "deit_base_patch16_224", 21_700_000),
+                               ("deit_s_paper", "deit_small_patch16_224", 5_000_000)):
+        cfg = compose_sweep("table3_paper", [f"t3={job}"])
+        assert (cfg.model.name, cfg.target_params) == (model, target)
+
+
+def test_paths_stay_out_of_job_dir_names():
+    cfg = compose_sweep("table2_paper", ["model=deit_b", "method=ours", "ratio=0.5", "data.root=/data/imagenet",
+                                         "model.weights=/ckpt/x.safetensors", "cache_dir=/tmp/c", "device=cuda"])
+    assert cfg.hydra.job.override_dirname == "method=ours,model=deit_b,ratio=0.5"
+
+
+# --------------------------------------------------------------------------- end to end (subprocess)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, AMRC_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               HYDRA_FULL_ERROR="0")
+    env.pop("AMRC_CACHE_DIR", None)
+    return env
+
+
+def _sweep_cmd(sweep: Path, cache: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "amrc_exp", "-m", "--config-dir", "sweeps", "--config-name", "table2_embedded",
+            f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *TINY, *overrides]
+
+
+def _job_files(sweep: Path, name: str) -> dict[str, Path]:
+    return {p.parent.name: p for p in sweep.glob(f"*/{name}")}
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    """3 jobs (the first fails by design); kill -9 after the first success, rerun: the finished
+    job is not recomputed, the failed and the killed ones are rerun, nothing is duplicated; then
+    the tables of that sweep (the CI's reduced end-to-end grid)."""
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    # ratio=0.99 cannot be met by rank-1 layers: that job fails (failed.json) and the sweep goes on
+    cmd = _sweep_cmd(sweep, cache, "method=svd_ft", "ratio=0.99,0.4,0.5")
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 150
+    try:
+        while not _job_files(sweep, "results.json"):
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no job finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the whole sweep, mid-job
+        proc.wait()
+    first = _job_files(sweep, "results.json")
+    assert len(first) == 1, first
+    (done_name, done_path), = first.items()
+    assert "ratio=0.4" in done_name
+    done_mtime = done_path.stat().st_mtime_ns
+    failed = _job_files(sweep, "failed.json")
+    assert len(failed) == 1 and "ratio=0.99" in next(iter(failed))
+    failed_mtime = next(iter(failed.values())).stat().st_mtime_ns
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode != 0, out  # the impossible job still fails, and says so ...
+    assert "job FAILED in" in out and "ratio=0.99" in out
+    results = _job_files(sweep, "results.json")
+    assert sorted(n.split("ratio=")[1].split(",")[0] for n in results) == ["0.4", "0.5"]  # ... after the others ran
+    job_dirs = [d for d in sweep.iterdir() if d.is_dir()]
+    assert len(job_dirs) == 3
+    for d in job_dirs:
+        assert len(list(d.rglob("results.json"))) <= 1
+    assert results[done_name].stat().st_mtime_ns == done_mtime  # finished job not recomputed
+    assert "already holds a finished result" in out
+    assert next(iter(_job_files(sweep, "failed.json").values())).stat().st_mtime_ns != failed_mtime  # retried
+    for p in results.values():
+        res = json.loads(p.read_text())
+        assert res["status"] == "complete" and res["synthetic"] is True  # random weights: marked
+
+    # the tables of this sweep: params from the results, accuracy never filled (synthetic)
+    from amrc_exp.tables import main
+
+    assert main([str(sweep), "--out", str(tmp_path / "tables")]) == 0
+    import pandas as pd
+
+    csv = pd.read_csv(tmp_path / "tables" / "table2.csv")
+    rows = csv[csv["method"] == "Vanilla SVD + FT"].sort_values("ratio")
+    expected = [json.loads(results[n].read_text())["params_after"] / 1e6 for n in sorted(results)]
+    assert list(rows["params_m"]) == pytest.approx(expected)
+    assert csv["top1"].isna().all()
+    assert "| —" in (tmp_path / "tables" / "table2.md").read_text()
+
+
+def test_submitit_local_launcher(tmp_path):
+    """`hydra/launcher=submitit_local` (the SLURM launcher's local twin) runs a job to completion
+    in the same job directory the basic launcher would use."""
+    sweep = tmp_path / "sweep"
+    cmd = _sweep_cmd(sweep, tmp_path / "cache", "hydra/launcher=submitit_local", "method=svd_ft", "ratio=0.5",
+                     "finetune.epochs=0")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (name, path), = _job_files(sweep, "results.json").items()
+    excluded = set(compose_sweep("table2_embedded").hydra.job.config.override_dirname.exclude_keys)
+    named = [o for o in TINY if o.split("=")[0] not in excluded]  # weights, batch sizes: not in names
+    assert name == ",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named]))
+    assert json.loads(path.read_text())["status"] == "complete"
+    assert (sweep / ".submitit").is_dir()

@@ -1,0 +1,280 @@
+"""amrc_exp.tables: every cell traced back to the results.json written here, paper columns to
+the paper's printed numbers, synthetic runs never filling an accuracy cell."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from amrc_exp import tables
+from amrc_exp.tables import DASH, build_tables, load_results, main
+
+PAPER_MD = Path("/work/shared/paper/amrc-vit-paper.md")
+
+METHODS = {  # method -> (decomp, schedule, z_type, zfit.solver)
+    "paper": ("asvd_mean", "exp", "lowrank", "gd"),
+    "ours": ("asvd_whiten", "exp", "lowrank", "closed_form"),
+    "svd_ft": ("svd", "uniform", "none", "gd"),
+}
+MODELS = {"deit_b": ("deit_base_patch16_224", 86_567_656), "deit_s": ("deit_small_patch16_224", 22_050_664),
+          "fmnist_vit": ("fmnist_vit", 1_199_882), "fmnist_vit_small": ("fmnist_vit_small", 566_890)}
+
+
+def write_run(root: Path, name: str, *, model="deit_b", method="ours", ratio=0.5, target=None, ptq=0,
+              finetune=20, synthetic=False, top1=(80.0, 70.0, 79.0), ptq_top1=None, params_after=None,
+              sizes=(165.0, 82.0, None), table1=None, z_type=None, status="complete", filename="results.json"):
+    """One fake results.json with the fields the tables read; returns it."""
+    model_name, n0 = MODELS[model]
+    decomp, schedule, z, solver = METHODS.get(method, METHODS["ours"])
+    if method == "dense":
+        ratio, finetune = 0.0, 0
+    z = z_type or z
+    if params_after is None:
+        params_after = n0 if method == "dense" else (target or round((1 - ratio) * n0))
+    config = {
+        "model": {"name": model_name, "weights": "random" if synthetic else "/w.safetensors"},
+        "data": {"name": "imagenet", "eval_subset": None, "finetune_subset": None},
+        "decomp": {"name": decomp}, "schedule": {"name": schedule}, "z_type": {"name": z, "fraction": 0.05},
+        "zfit": {"solver": solver, "iters": 2000}, "calib": {"num_samples": 1024},
+        "finetune": {"epochs": finetune}, "ptq": {"bits": ptq}, "ratio": ratio, "target_params": target, "seed": 0,
+    }
+    res = {
+        "status": status, "config": config, "synthetic": synthetic, "model": {"random_weights": synthetic},
+        "params_before": n0, "params_after": params_after, "ratio_achieved": 1 - params_after / n0,
+        "top1_baseline": top1[0], "top1_compressed": top1[1],
+        "size_mib_dense_fp16": sizes[0], "size_mib_compressed_fp16": sizes[1],
+        "table1": table1 or {"z_overhead": 0.05, "err_before": 0.3, "err_after": 0.1, "n_factorized": 48},
+        "layers": [] if method == "dense" else [{"name": "blocks.0.attn.proj", "rank": 100}],
+    }
+    if finetune:
+        res["top1_finetuned"] = top1[2]
+    if ptq:
+        res["top1_ptq"] = ptq_top1
+        res["size_mib_ptq"] = sizes[2]
+    res["top1"] = res.get("top1_ptq", res.get("top1_finetuned", res["top1_compressed"]))
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / filename).write_text(json.dumps(res))
+    return res
+
+
+def md_rows(table) -> list[dict[str, str]]:
+    return table.markdown.to_dict("records")
+
+
+ALIASES = {"params": "# Params (Millions)"}
+
+
+def row(table, **match) -> dict:
+    """The one Markdown row whose cells match every regex in `match` (`params` = the # Params column)."""
+    match = {ALIASES.get(k, k): v for k, v in match.items()}
+    hits = [r for r in md_rows(table) if all(re.search(v, str(r[k])) for k, v in match.items())]
+    assert len(hits) == 1, (match, md_rows(table))
+    return hits[0]
+
+
+# --------------------------------------------------------------------------- Table 2
+
+
+@pytest.fixture
+def t2_dir(tmp_path):
+    root = tmp_path / "table2_paper"
+    write_run(root, "m=deit_b,method=ours,ratio=0.5", method="ours", ratio=0.5, top1=(81.8, 80.9, 81.41))
+    write_run(root, "m=deit_b,method=paper,ratio=0.5", method="paper", ratio=0.5, top1=(81.8, 77.7, 80.02))
+    write_run(root, "m=deit_b,method=svd_ft,ratio=0.4", method="svd_ft", ratio=0.4, top1=(81.8, 50.5, 76.93))
+    write_run(root, "m=deit_b,method=ours,ratio=0.6", method="ours", ratio=0.6, top1=(81.8, 75.0, 80.5))
+    return root
+
+
+def test_table2_cells_come_from_results_and_paper(t2_dir):
+    (t2,) = build_tables([t2_dir], [2])
+    base = row(t2, Method="^Baseline$")
+    assert base["Architecture"] == "DeiT-B" and base["# Params (Millions)"] == "86.6"
+    assert base["Top-1 Accuracy (%)"] == "81.80"
+    assert (base["Paper: # Params"], base["Paper: Top-1 (%)"]) == ("86.6", "81.80")  # printed baseline row
+    ours = row(t2, Method="asvd_whiten", params="-50%")
+    assert ours["# Params (Millions)"] == "43.3 (-50%)"  # 0.5 * 86,567,656 = 43,283,828
+    assert ours["Top-1 Accuracy (%)"] == "81.41" and ours["Top-1 before FT (%)"] == "80.90"
+    assert (ours["Paper: # Params"], ours["Paper: Top-1 (%)"]) == ("43.3 (-50%)", "81.35")  # paper "Ours -50%"
+    paper = row(t2, Method="asvd_mean")
+    assert paper["Top-1 Accuracy (%)"] == "80.02" and paper["Paper: Top-1 (%)"] == "81.35"
+    svd = row(t2, Method="Vanilla SVD")
+    assert svd["# Params (Millions)"] == "51.9 (-40%)" and svd["Top-1 Accuracy (%)"] == "76.93"
+    assert (svd["Paper: # Params"], svd["Paper: Top-1 (%)"]) == ("52.0 (-40%)", "77.30")  # printed Vanilla SVD + FT
+    sixty = row(t2, Method="asvd_whiten", params="-60%")
+    assert sixty["# Params (Millions)"] == "34.6 (-60%)" and sixty["Paper: Top-1 (%)"] == "81.10"
+    # layout: baseline first, then Vanilla SVD, then our two pipelines
+    assert [r["Method"].split(" (")[0] for r in md_rows(t2)][:2] == ["Baseline", "Vanilla SVD + FT"]
+    csv = t2.csv.set_index("method")
+    assert csv.loc["Vanilla SVD + FT", "top1"] == 76.93 and csv.loc["Vanilla SVD + FT", "paper_top1"] == 77.30
+    assert csv.loc["Baseline", "params_m"] == pytest.approx(86.567656)
+
+
+def test_synthetic_runs_never_fill_accuracy(tmp_path):
+    root = tmp_path / "table2_embedded"
+    write_run(root, "a", model="fmnist_vit", method="ours", ratio=0.5, synthetic=True, top1=(9.0, 10.0, 11.0),
+              params_after=599_818)
+    write_run(root, "b", model="fmnist_vit", method="svd_ft", ratio=0.5, synthetic=True, params_after=599_818)
+    (t2,) = build_tables([root], [2])
+    for r in md_rows(t2):
+        assert r["Top-1 Accuracy (%)"] == DASH
+        assert r["Top-1 before FT (%)"] in (DASH, "")
+        assert r["Paper: Top-1 (%)"] == ""  # the paper has no Fashion-MNIST rows
+    assert row(t2, Method="asvd_whiten")["# Params (Millions)"] == "0.600 (-50%)"  # params stay valid
+    assert row(t2, Method="Baseline")["# Params (Millions)"] == "1.200"
+    assert t2.csv["top1"].isna().all() and t2.csv["synthetic"].all()
+    assert t2.csv["params_m"].notna().all()
+    assert any("synthetic" in n for n in t2.notes)
+
+
+def test_ignores_failed_running_and_unreadable(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(root, "ok", method="ours")
+    write_run(root, "failed", method="paper", filename="failed.json", status="failed")
+    write_run(root, "running", method="svd_ft", status="running")
+    (root / "torn").mkdir()
+    (root / "torn" / "results.json").write_text('{"status": "compl')
+    runs = load_results([root])
+    assert [Path(r["_dir"]).name for r in runs] == ["ok"]
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def test_table1_overhead_and_error(tmp_path):
+    root = tmp_path / "table1_paper"
+    vals = {"lowrank": (0.05, 0.31, 0.12), "sparse_unstructured": (0.0625, 0.31, 0.105), "diagonal": (0.0026, 0.31, 0.29)}
+    for z, (ov, eb, ea) in vals.items():
+        write_run(root, f"z={z}", method="paper", z_type=z, finetune=0,
+                  table1={"z_overhead": ov, "err_before": eb, "err_after": ea, "n_factorized": 48})
+    (t1,) = build_tables([root], None)  # detected from the directory name table1_*
+    assert t1.number == 1
+    approaches = [r["Approach"] for r in md_rows(t1)]
+    assert approaches == ["Sparse (unstructured)", "Diagonal", "Low-Rank"]  # the paper's row order
+    low = row(t1, Approach="Low-Rank")
+    assert low["Parameter Count Overhead (% of factorized layers)"] == "5.00"
+    assert low["Average Residual Error"] == "0.12" and low["Average Residual Error (before Z)"] == "0.31"
+    assert (low["Paper: Overhead"], low["Paper: Average Residual Error"]) == ("↓", "0.13")
+    sp = row(t1, Approach="unstructured")
+    assert (sp["Paper: Overhead"], sp["Paper: Average Residual Error"]) == ("↑", "0.11")
+    assert row(t1, Approach="Diagonal")["Paper: Average Residual Error"] == "0.27"
+    assert t1.csv.set_index("z_type").loc["diagonal", "err_after"] == 0.29
+
+
+# --------------------------------------------------------------------------- Table 3
+
+
+def test_table3_pairs_reference_and_compressed(tmp_path):
+    root = tmp_path / "table3_paper"
+    write_run(root, "t3=deit_s_dense", model="deit_s", method="dense", top1=(79.9, 79.9, None))
+    write_run(root, "t3=deit_b_ours", model="deit_b", method="ours", target=21_700_000, params_after=21_699_990,
+              top1=(81.8, 40.0, 78.25))
+    (t3,) = build_tables([root], None)
+    ref = row(t3, Architecture="^DeiT-S$")
+    assert ref["# Params (Millions)"] == "22.1" and ref["Top-1 Accuracy (%)"] == "79.90"
+    assert (ref["Paper: # Params"], ref["Paper: Top-1 (%)"]) == ("22.1", "79.8")
+    comp = row(t3, Architecture="Compressed DeiT-B")
+    assert comp["# Params (Millions)"] == "21.7 (-75%)" and comp["Top-1 Accuracy (%)"] == "78.25"
+    assert (comp["Paper: # Params"], comp["Paper: Top-1 (%)"]) == ("21.7 (-75%)", "80.3")
+    assert [r["Architecture"] for r in md_rows(t3)][0] == "DeiT-S"  # reference above its compressed rival
+
+
+# --------------------------------------------------------------------------- Table 4
+
+
+def test_table4_sizes_and_ptq(tmp_path):
+    root = tmp_path / "table4_paper"
+    write_run(root, "method=dense,ptq.bits=4", method="dense", ptq=4, top1=(81.8, 81.8, None), ptq_top1=80.5,
+              sizes=(165.15, 165.15, 42.3))
+    write_run(root, "method=ours,ptq.bits=8", method="ours", ptq=8, top1=(81.8, 80.0, 81.2), ptq_top1=81.1,
+              sizes=(165.15, 82.61, 41.8))
+    (t4,) = build_tables([root], None)
+    labels = [r["Method"] for r in md_rows(t4)]
+    assert labels[0] == "DeiT-B baseline (FP16)"
+    base = row(t4, Method=r"baseline \(FP16\)")
+    assert (base["Model Size (MiB)"], base["Top-1 Accuracy (%)"]) == ("165.2", "81.80")
+    assert (base["Paper: Size (MiB)"], base["Paper: Top-1 (%)"]) == ("165.2", "81.80")
+    fp16 = row(t4, Method=r"50% compressed \(FP16\)")
+    assert (fp16["Model Size (MiB)"], fp16["Top-1 Accuracy (%)"]) == ("82.6", "81.20")
+    assert (fp16["Paper: Size (MiB)"], fp16["Paper: Top-1 (%)"]) == ("82.6", "81.35")
+    q8 = row(t4, Method="compressed \\+ 8-bit")
+    assert (q8["Model Size (MiB)"], q8["Top-1 Accuracy (%)"]) == ("41.8", "81.10")
+    assert (q8["Paper: Size (MiB)"], q8["Paper: Top-1 (%)"]) == ("41.7", "81.15")
+    q4 = row(t4, Method="baseline \\+ 4-bit")
+    assert (q4["Model Size (MiB)"], q4["Top-1 Accuracy (%)"]) == ("42.3", "80.50")
+    assert (q4["Paper: Size (MiB)"], q4["Paper: Top-1 (%)"]) == ("42.2", "80.72")
+    assert t4.csv.set_index("row").loc["DeiT-B baseline + 4-bit PTQ", "size_mib"] == 42.3
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_markdown_and_csv_detected_from_multirun_yaml(t2_dir, tmp_path, capsys):
+    renamed = tmp_path / "some_sweep"
+    t2_dir.rename(renamed)
+    (renamed / "multirun.yaml").write_text("hydra:\n  job:\n    name: __main__\n    config_name: table2_paper\n")
+    out = tmp_path / "tables"
+    assert main([str(renamed), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["table2.csv", "table2.md"]
+    md = (out / "table2.md").read_text()
+    assert md.startswith("## Table 2.") and "| DeiT-B" in md and "81.41" in md
+    csv = pd.read_csv(out / "table2.csv")
+    assert set(csv["top1"].dropna()) == {81.8, 81.41, 80.02, 76.93, 80.5}
+    assert "Table 2" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the paper's numbers
+
+
+def test_paper_numbers_as_printed():
+    """Spot checks typed from the paper's Tables 1-4 independently of tables.py."""
+    assert tables.PAPER_TABLE1["lowrank"] == ("↓", 0.13) and tables.PAPER_TABLE1["diagonal"] == ("↓", 0.27)
+    assert tables.PAPER_TABLE2[("DeiT-B", "Ours", 50)] == (43.3, 81.35)
+    assert tables.PAPER_TABLE2[("ViT-B", "Vanilla SVD + FT", 50)] == (42.3, 78.50)
+    assert tables.PAPER_TABLE2[("Swin-B", "Ours", 60)] == (35.3, 83.14)
+    assert tables.PAPER_TABLE3["Compressed ViT-L"] == (86.0, 72, 83.1)
+    assert tables.PAPER_TABLE4[("DeiT-B", 0, 4)] == (42.2, 80.72)
+
+
+@pytest.mark.skipif(not PAPER_MD.exists(), reason="the paper's text is not on this machine")
+def test_paper_table2_matches_the_paper_text():
+    """Every Baseline / Vanilla SVD + FT / Ours number of PAPER_TABLE2 is on the paper's line for it
+    (architectures in the paper's order; each starts at its Baseline row)."""
+    text = PAPER_MD.read_text()
+    block = text[text.index("Architecture\tMethod"):text.index("racy, compression, or both")]
+    archs = iter(["DeiT-B", "DeiT-S", "ViT-B", "Swin-B"])
+    arch, seen = None, 0
+    for line in block.splitlines()[1:]:
+        cells = [c.strip() for c in line.split("\t")]
+        if len(cells) < 3:
+            continue
+        method, params, acc = cells[-3], cells[-2], cells[-1]
+        if method == "Baseline":
+            arch = next(archs)
+        if method not in ("Baseline", "Ours", "Vanilla SVD + FT"):
+            continue
+        m = re.fullmatch(r"([\d.]+)(?:\(-(\d+)%\))?", params)
+        key = (arch, method, int(m.group(2) or 0))
+        assert tables.PAPER_TABLE2[key] == (float(m.group(1)), float(acc)), key
+        seen += 1
+    assert seen == 20  # 4 baselines + 4 Vanilla SVD + FT + 12 Ours
+
+
+@pytest.mark.skipif(not PAPER_MD.exists(), reason="the paper's text is not on this machine")
+def test_paper_tables_1_3_4_match_the_paper_text():
+    text = PAPER_MD.read_text().replace("<b>", "").replace("</b>", "")
+    for label, (params, red, acc) in tables.PAPER_TABLE3.items():
+        cell = f"{params:.1f}" + (f" \\(-{red}%\\)" if red else "")
+        assert re.search(rf"^{re.escape(label)}\t{cell}\t{acc:.1f}$", text, re.M), label
+    t4 = text[text.index("Method\tModel Size (MiB)"):]
+    for key, (size, acc) in tables.PAPER_TABLE4.items():
+        assert re.search(rf"\t{size:.1f}\t{acc:.2f}$", t4, re.M), key
+    t1 = text[text.index("Approach\tParameter Count Overhead"):]
+    for z, label in (("sparse_unstructured", "Sparse \\(unstructured\\)"), ("sparse_structured", "Sparse \\(structured\\)"),
+                     ("diagonal", "Diagonal"), ("lowrank", "Low-Rank")):
+        assert re.search(rf"^{label}\t.*\t{tables.PAPER_TABLE1[z][1]:.2f}", t1, re.M), z
