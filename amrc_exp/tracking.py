@@ -112,5 +112,15 @@ def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | N
     """Build the tracker selected by the `logger` group."""
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
         return Tracker()
-    return WandbTracker(project=logger_cfg.project, group=logger_cfg.group, mode=logger_cfg.mode,
-                        run_dir=run_dir, config=config, name=name)
+    return WandbTracker(project=logger_cfg.project, group=logger_cfg.group or sweep_group(),
+                        mode=logger_cfg.mode, run_dir=run_dir, config=config, name=name)
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep directory's name, so one sweep's runs share a W&B group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name

@@ -84,3 +84,26 @@ def test_export_reloads_to_the_evaluated_model(first_run):
     model = load_compressed(root / "run1" / "model")
     loader = make_loader(build_splits(cfg).val, 128, shuffle=False, seed=cfg.seed)
     assert top1(model, loader, torch.device("cpu")) == pytest.approx(res["top1"], abs=1e-9)
+
+
+
+@pytest.mark.parametrize("mode,group", [("MULTIRUN", "my_sweep"), ("RUN", None)])
+def test_sweep_jobs_share_a_wandb_group(monkeypatch, tmp_path, mode, group):
+    """In a multirun every job logs into the group named after the sweep dir; a single run has none."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    import amrc_exp.tracking as tracking
+    from tests.conftest import CONF_DIR
+
+    seen = {}
+    monkeypatch.setattr(tracking, "WandbTracker", lambda **kw: seen.update(kw))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.mode={mode}", f"hydra.sweep.dir={tmp_path / 'my_sweep'}"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        tracking.make_tracker(cfg.logger, str(tmp_path), {})
+    finally:
+        HydraConfig.instance().cfg = None
+    assert seen["group"] == group

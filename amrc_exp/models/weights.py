@@ -171,18 +171,29 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 
 
 def _hints(model: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatched: list[str]) -> list[str]:
-    """Turn the usual shape mismatches into the override that fixes them."""
+    """Turn the usual shape mismatches into the override that fixes them; each hint only when
+    the dimension it names is the one that differs."""
     hints = []
+    expected = model.state_dict()
+
+    def differs(key: str, dim: int) -> bool:
+        got, want = state_dict[key].shape, expected[key].shape
+        return len(got) != len(want) or got[dim] != want[dim]
+
     classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head")
     head_key = f"{classifier}.weight"
-    if head_key in mismatched:
+    if head_key in mismatched and differs(head_key, 0):
         hints.append(f"  the file's head has {state_dict[head_key].shape[0]} classes: "
                      f"set model.num_classes={state_dict[head_key].shape[0]}")
     first_conv = str(getattr(model, "pretrained_cfg", {}).get("first_conv") or "patch_embed.proj")
     conv_key = f"{first_conv}.weight"
     if conv_key in mismatched and state_dict[conv_key].ndim == 4:
-        hints.append(f"  the file's input has {state_dict[conv_key].shape[1]} channels: "
-                     f"set model.in_chans={state_dict[conv_key].shape[1]}")
-    if "pos_embed" in mismatched:
-        hints.append("  the position embedding differs: check model.img_size")
+        if differs(conv_key, 1):
+            hints.append(f"  the file's input has {state_dict[conv_key].shape[1]} channels: "
+                         f"set model.in_chans={state_dict[conv_key].shape[1]}")
+        if differs(conv_key, 0):
+            hints.append(f"  the file's embedding width is {state_dict[conv_key].shape[0]}, the model's "
+                         f"{expected[conv_key].shape[0]}: check model.name / model.kwargs")
+    if "pos_embed" in mismatched and differs("pos_embed", 1):
+        hints.append("  the position embedding has another token count: check model.img_size")
     return hints
