@@ -47,6 +47,7 @@ class DataConfig:
     synthetic: bool = False  # True: random tensors, results are marked and never fill a table
     num_train: int = 1024  # synthetic only: sizes of the random splits
     num_val: int = 256
+    augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
     finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
     eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
     num_workers: int = 0
@@ -130,6 +131,7 @@ class RunConfig:
     # Fraction of the WHOLE model's parameters removed (Tab 2). A root float, not a group:
     # Hydra rejects float group overrides, and `ratio=0.5` must work as typed.
     ratio: float = 0.5
+    compress: bool = True  # false: the dense model as loaded, evaluated (and PTQ'd): Tab 3/4 references
     target_params: Optional[int] = None  # absolute budget instead of ratio (Tab 3)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -259,7 +259,7 @@ def fashion_mnist_sources(cfg: DictConfig) -> Sources:
     shape = dict(img_size=int(cfg.model.img_size), in_chans=int(cfg.model.in_chans))
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     return Sources(
-        train_augmented=FashionMNISTDataset(x_train, y_train, augment=True, **shape),
+        train_augmented=FashionMNISTDataset(x_train, y_train, augment=bool(cfg.data.augment), **shape),
         train_eval=FashionMNISTDataset(x_train, y_train, augment=False, **shape),
         val=FashionMNISTDataset(x_test, y_test, augment=False, **shape),
         num_classes=FMNIST_NUM_CLASSES,
@@ -294,7 +294,7 @@ def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -
                           f">= {len(train.classes)} (class folders found under {root / 'train'})")
     train_tf, eval_tf = timm_transforms(cfg, model)
     return Sources(
-        train_augmented=TransformedView(train, train_tf),
+        train_augmented=TransformedView(train, train_tf if cfg.data.augment else eval_tf),
         train_eval=TransformedView(train, eval_tf),
         val=TransformedView(val, eval_tf),
         num_classes=int(cfg.data.num_classes),

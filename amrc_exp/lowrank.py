@@ -17,6 +17,8 @@ Index buffers are int32, the width an export stores.
 
 The forward follows App. A's order (Eq 14): ``(X U) Vᵀ + (X G) Yᵀ + b``, never forming
 ``U Vᵀ`` (Eq 13), so it costs ``n·(in+out)·(r+q)`` multiplications instead of ``n·in·out``.
+For low-rank Z on at least `FUSE_MIN_ROWS` rows both paths run as one pair of matmuls,
+``(X [U | G]) [V | Y]ᵀ + b``, the factors concatenated on the fly (no second copy is kept).
 
 Parameter accounting (Table 1, Table 2): a sparse Z's index storage is counted as
 parameters, one per stored index, matching ``amrc_exp.math.compensate.z_param_count``
@@ -41,6 +43,10 @@ __all__ = [
 ]
 
 Z_TYPES: tuple[str, ...] = ("none", "lowrank", "diagonal", "sparse_structured", "sparse_unstructured")
+# Low-rank Z: from this many rows (tokens) on, x·[U | G] then ·[V | Y]ᵀ in one pair of matmuls
+# wins; below it, concatenating the factors on every call costs more than it saves (measured
+# on CPU, one thread, DeiT-S/B layer shapes: break-even between 128 and 384 rows).
+FUSE_MIN_ROWS = 384
 
 
 class LowRankLinear(nn.Module):
@@ -142,9 +148,13 @@ class LowRankLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: Tensor) -> Tensor:
+        if self.z_type == "lowrank" and x.numel() >= FUSE_MIN_ROWS * self.in_features:
+            # Both low-rank paths in one pair of matmuls: (x [U | G]) [V | Y]ᵀ + b.
+            down, up = self.fused_factors()
+            return F.linear(F.linear(x, down), up, self.bias)
         # App. A (Eq 14): (x U) then · Vᵀ; the r-wide intermediate is the whole saving.
         y = F.linear(F.linear(x, self.down), self.up, self.bias)
-        if self.z_type == "lowrank":
+        if self.z_type == "lowrank":  # few rows: two thin paths beat concatenating the factors
             y = y + F.linear(F.linear(x, self.z_down), self.z_up)  # (x G) Yᵀ
         elif self.z_type == "diagonal":
             # x Z with Z = diag(d) padded to in × out touches only the first min(in, out) channels.
@@ -155,6 +165,15 @@ class LowRankLinear(nn.Module):
         elif self.z_type == "sparse_unstructured":
             y = y + self._sparse_unstructured(x)
         return y
+
+    def fused_factors(self) -> tuple[Tensor, Tensor]:
+        """Low-rank Z only: ``[U | G]ᵀ`` ((r+q) × in) and ``[V | Y]`` (out × (r+q)).
+
+        Concatenated on every call (differentiable, so training and fine-tuning see the
+        stored parameters): the copy costs (r+q)·(in+out) element moves, against
+        n·(r+q)·(in+out) multiply-adds for n tokens. The stored parameters and state-dict
+        keys (down, up, z_down, z_up) are unchanged."""
+        return torch.cat((self.down, self.z_down), 0), torch.cat((self.up, self.z_up), 1)
 
     def _sparse_unstructured(self, x: Tensor) -> Tensor:
         """x Z with Z stored as COO; a sparse-dense product, never the dense in × out Z."""

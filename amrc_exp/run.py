@@ -10,6 +10,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,10 +64,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _check_writable(out_dir)
     _check_writable(Path(str(cfg.cache_dir)).expanduser(), "cache_dir")
     from amrc_exp.data import build_splits, make_loader
-    from amrc_exp.evaluate import throughput, top1
+    from amrc_exp.evaluate import top1
     from amrc_exp.export import default_create_kwargs, save_compressed
-    from amrc_exp.finetune import partial_finetune
-    from amrc_exp.lowrank import compress_, count_params
+    from amrc_exp.lowrank import count_params
     from amrc_exp.models import build_model
     from amrc_exp.quantize import model_size_mib, quantize_
 
@@ -91,10 +91,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             model.to(device).eval()
             _check_finite_weights(model, cfg.model.weights)
         n0 = count_params(model)
-        # Before any expensive stage: a budget the model cannot meet fails in seconds.
-        to_remove = compress.params_to_remove(n0, cfg)
-        compress.check_budget(compress.layer_specs(compress.find_compressible(model), cfg.z_type),
-                              to_remove, n0, cfg)
+        if cfg.compress:  # before any expensive stage: a budget the model cannot meet fails in seconds
+            to_remove = compress.params_to_remove(n0, cfg)
+            compress.check_budget(compress.layer_specs(compress.find_compressible(model), cfg.z_type),
+                                  to_remove, n0, cfg)
         tracker = make_tracker(cfg.logger, str(out_dir), config, name=out_dir.name)
         res["model"] = model_info
         res["data"] = splits.describe()
@@ -107,47 +107,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             res["top1_baseline"] = top1(model, val_loader, device, amp, desc="eval baseline")
         tracker.log({"top1/baseline": res["top1_baseline"], "params/before": n0})
 
-        with timer("calibrate"):
-            stats, res["calibration_cached"] = compress.calibration_stats(model, splits, cfg, device, amp)
-        res["zfit_minibatches"] = len(stats.get("chunks", [])) or 1  # 1: full-batch gradient
-        with timer("decompose"):
-            layers = compress.find_compressible(model)
-            weights = compress.layer_weights(layers)
-            spectra = compress.decompose_layers(weights, stats["calib"], cfg.decomp)
-        with timer("allocate"):
-            specs = compress.layer_specs(layers, cfg.z_type)
-            ranks = compress.allocate_ranks(spectra, specs, to_remove, cfg.schedule)
-        with timer("compensate"):
-            plans, layer_rows = compress.compensate_layers(weights, layers, spectra, ranks, stats, cfg)
-        with timer("apply"):
-            compress_(model, plans)
-        res["params_after"] = count_params(model)
-        res["params_target"] = n0 - to_remove
-        res["ratio_achieved"] = 1.0 - res["params_after"] / n0
-        res["layers"] = layer_rows
-        res["table1"] = compress.residual_summary(layer_rows, specs)
-        res["energy_curves"] = {n: s.energy_curve().tolist() for n, s in spectra.items()}
-        _log_layers(tracker, layer_rows, spectra)
-
-        with timer("eval_compressed"):
-            res["top1_compressed"] = top1(model, val_loader, device, amp, desc="eval compressed")
-        tracker.log({"top1/compressed": res["top1_compressed"], "params/after": res["params_after"]})
-
-        with timer("finetune"):
-            ft_loader = make_loader(splits.train, cfg.finetune.batch_size, shuffle=True,
-                                    seed=cfg.seed, num_workers=cfg.data.num_workers)
-            try:
-                res["finetune"] = partial_finetune(model, ft_loader, epochs=cfg.finetune.epochs,
-                                                   lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay,
-                                                   device=device, amp=amp, seed=cfg.seed)
-            except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
-                if isinstance(err, AmrcError):
-                    raise
-                raise ConfigError("finetune.lr", cfg.finetune.lr, f"a smaller learning rate ({err})") from err
-        if cfg.finetune.epochs:
-            with timer("eval_finetuned"):
-                res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
-            tracker.log({"top1/finetuned": res["top1_finetuned"]})
+        if cfg.compress:
+            _compress_and_finetune(model, splits, cfg, device, amp, timer, tracker, to_remove, val_loader, res)
+        else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
+            res.update(params_after=n0, ratio_achieved=0.0, layers=[])
         res["size_mib_compressed_fp16"] = model_size_mib(model, bits=0)
 
         if cfg.ptq.bits:
@@ -164,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             save_compressed(model, out_dir / "model", meta={"config": config},
                             model_name=str(cfg.model.name), create_kwargs=create_kwargs)
         res["top1"] = _final_top1(res)
-        res["throughput"] = _throughput_pair(cfg, splits, model, device, amp, build_model, throughput)
+        res["throughput"] = _throughput_pair(cfg, splits, model, device, amp, build_model)
         res["seconds"] = timer.seconds
         res["status"] = "complete"
         tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
@@ -179,6 +142,82 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         tracker.finish()
+
+
+def _compress_and_finetune(model, splits, cfg, device, amp, timer, tracker, to_remove, val_loader,
+                           res: dict[str, Any]) -> None:
+    """calibrate → … → apply, evaluate, partial fine-tune (and evaluate): fills `res` in place."""
+    from amrc_exp.data import make_loader
+    from amrc_exp.evaluate import top1
+    from amrc_exp.finetune import partial_finetune
+    from amrc_exp.lowrank import count_params
+
+    n0 = res["params_before"]
+    done = compress_stages(model, splits, cfg, device, amp, timer, to_remove)
+    res["calibration_cached"] = done.calibration_cached
+    res["zfit_minibatches"] = done.zfit_minibatches
+    layer_rows, specs, spectra = done.layer_rows, done.specs, done.spectra
+    res["params_after"] = count_params(model)
+    res["params_target"] = n0 - to_remove
+    res["ratio_achieved"] = 1.0 - res["params_after"] / n0
+    res["layers"] = layer_rows
+    res["table1"] = compress.residual_summary(layer_rows, specs)
+    res["energy_curves"] = {n: s.energy_curve().tolist() for n, s in spectra.items()}
+    _log_layers(tracker, layer_rows, spectra)
+
+    with timer("eval_compressed"):
+        res["top1_compressed"] = top1(model, val_loader, device, amp, desc="eval compressed")
+    tracker.log({"top1/compressed": res["top1_compressed"], "params/after": res["params_after"]})
+
+    with timer("finetune"):
+        ft_loader = make_loader(splits.train, cfg.finetune.batch_size, shuffle=True,
+                                seed=cfg.seed, num_workers=cfg.data.num_workers)
+        try:
+            res["finetune"] = partial_finetune(model, ft_loader, epochs=cfg.finetune.epochs,
+                                               lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay,
+                                               device=device, amp=amp, seed=cfg.seed)
+        except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
+            if isinstance(err, AmrcError):
+                raise
+            raise ConfigError("finetune.lr", cfg.finetune.lr, f"a smaller learning rate ({err})") from err
+    if cfg.finetune.epochs:
+        with timer("eval_finetuned"):
+            res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
+        tracker.log({"top1/finetuned": res["top1_finetuned"]})
+
+
+@dataclass
+class Compressed:
+    """What `compress_stages` leaves behind once the model holds its `LowRankLinear`s."""
+
+    calibration_cached: bool
+    zfit_minibatches: int  # 1: full-batch gradient
+    spectra: dict[str, Any]
+    specs: list[Any]
+    layer_rows: list[dict[str, Any]]
+
+
+def compress_stages(model: torch.nn.Module, splits: Any, cfg: DictConfig, device: torch.device,
+                    amp: bool, timer: StageTimer, to_remove: int) -> Compressed:
+    """calibrate → decompose → allocate → compensate → apply, in place on `model`, each stage
+    timed by `timer` (any callable returning a context manager per stage name). The statistics
+    and plans are dropped on return."""
+    from amrc_exp.lowrank import compress_
+
+    with timer("calibrate"):
+        stats, cached = compress.calibration_stats(model, splits, cfg, device, amp)
+    with timer("decompose"):
+        layers = compress.find_compressible(model)
+        weights = compress.layer_weights(layers)
+        spectra = compress.decompose_layers(weights, stats["calib"], cfg.decomp)
+    with timer("allocate"):
+        specs = compress.layer_specs(layers, cfg.z_type)
+        ranks = compress.allocate_ranks(spectra, specs, to_remove, cfg.schedule)
+    with timer("compensate"):
+        plans, layer_rows = compress.compensate_layers(weights, layers, spectra, ranks, stats, cfg)
+    with timer("apply"):
+        compress_(model, plans)
+    return Compressed(cached, len(stats.get("chunks", [])) or 1, spectra, specs, layer_rows)
 
 
 def finished_result(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -203,19 +242,21 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _final_top1(res: dict[str, Any]) -> float:
-    for key in ("top1_ptq", "top1_finetuned", "top1_compressed"):
+    for key in ("top1_ptq", "top1_finetuned", "top1_compressed", "top1_baseline"):
         if key in res:
             return res[key]
     raise KeyError("no top-1 measured")
 
 
-def _throughput_pair(cfg, splits, model, device, amp, build_model, throughput) -> dict[str, float]:
-    """Compressed vs dense images/s on one eval batch, measured side by side."""
+def _throughput_pair(cfg, splits, model, device, amp, build_model) -> dict[str, float]:
+    """Compressed vs dense images/s on one eval batch, measured side by side (interleaved)."""
+    from amrc_exp.evaluate import median, throughput_side_by_side
+
     batch = torch.stack([splits.val[i][0] for i in range(min(64, len(splits.val)))])
     dense, _ = build_model(OmegaConf.merge(cfg, {"model": {"weights": "random"}}), None)
     dense.to(device).eval()
-    compressed_ips = throughput(model, batch, device, amp=amp)
-    dense_ips = throughput(dense, batch, device, amp=amp)
+    times = throughput_side_by_side({"compressed": model, "dense": dense}, batch, device, amp=amp)
+    compressed_ips, dense_ips = (batch.shape[0] / median(times[k]) for k in ("compressed", "dense"))
     return {"batch": int(batch.shape[0]), "compressed_ips": compressed_ips, "dense_ips": dense_ips,
             "speedup": compressed_ips / dense_ips}
 

@@ -215,8 +215,8 @@ Z_ORDER = list(Z_LABELS)
 
 
 def is_dense_config(config: dict[str, Any]) -> bool:
-    """No compression: ratio 0 and no parameter target (the dense / PTQ-only path)."""
-    return config.get("target_params") is None and float(config.get("ratio", 0.5)) == 0.0
+    """No compression (`compress: false`, the dense / PTQ-only path)."""
+    return config.get("compress") is False
 
 
 def runs_frame(runs: list[dict[str, Any]]):
@@ -277,7 +277,7 @@ class Table:
 
     def to_markdown(self) -> str:
         lines = [f"## Table {self.number}. {self.title}", ""]
-        lines.append(self.markdown.to_markdown(index=False) if len(self.markdown) else "_(no runs)_")
+        lines.append(self.markdown.to_markdown(index=False, disable_numparse=True) if len(self.markdown) else "_(no runs)_")
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
@@ -317,7 +317,7 @@ def _fmt_params(n: float, reduction_pct: float | None = None) -> str:
     m = n / 1e6
     s = f"{m:.1f}" if m >= 10 else f"{m:.3f}"
     if reduction_pct is not None and not math.isnan(reduction_pct) and round(reduction_pct) != 0:
-        s += f" (-{reduction_pct:.0f}%)"
+        s += f" ({-reduction_pct:+.0f}%)"  # a reduction prints as -50%, a growth as +5%
     return s
 
 

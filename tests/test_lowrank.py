@@ -8,10 +8,11 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from amrc_exp.calibrate import find_layers
-from amrc_exp.lowrank import LayerPlan, LowRankLinear, compress_, count_params
+from amrc_exp.lowrank import FUSE_MIN_ROWS, LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.math.allocate import LayerSpec
 from amrc_exp.math.compensate import fit_closed_form, z_dense, z_param_count
 
@@ -163,3 +164,43 @@ def test_cuda_forward_matches_cpu(z_type):
     x = torch.randn(2, 9, 40)
     ref = layer(x)
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("rows", [FUSE_MIN_ROWS, FUSE_MIN_ROWS + 13, 5])  # fused path, and the few-rows path
+def test_lowrank_forward_matches_unfused_reference(train, rows):
+    """x·[U | G] then ·[V | Y]ᵀ + b equals the two separate low-rank paths, values and gradients."""
+    gen = torch.Generator().manual_seed(rows + train)
+    plan, _ = random_plan("l", 24, 40, 5, "lowrank", gen)
+    layer = LowRankLinear.from_plan(plan, dtype=torch.float64).train(train)
+    x = torch.randn(rows, 24, dtype=torch.float64, generator=gen)
+    names = ("down", "up", "z_down", "z_up", "bias")
+    ref_params = {n: getattr(layer, n).detach().clone().requires_grad_(True) for n in names}
+
+    def reference(p):  # written out here, independent of LowRankLinear.forward
+        return F.linear(F.linear(x, p["down"]), p["up"], p["bias"]) + F.linear(F.linear(x, p["z_down"]), p["z_up"])
+
+    y, expected = layer(x), reference(ref_params)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(rows, 40, dtype=torch.float64, generator=gen)
+    (y * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for n in names:
+        grad = getattr(layer, n).grad
+        assert grad is not None and grad.abs().sum() > 0, n
+        torch.testing.assert_close(grad, ref_params[n].grad, rtol=1e-12, atol=1e-12)
+    assert set(layer.state_dict()) == {"down", "up", "z_down", "z_up", "bias"}  # keys unchanged
+
+
+def test_lowrank_fused_sees_in_place_updates():
+    """No stale copy: an optimizer step or a load_state_dict shows in the next forward."""
+    gen = torch.Generator().manual_seed(3)
+    plan, _ = random_plan("l", 24, 40, 5, "lowrank", gen)
+    layer = LowRankLinear.from_plan(plan, dtype=torch.float64).eval()
+    x = torch.randn(2, FUSE_MIN_ROWS, 24, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        before = layer(x)
+        layer.z_up.add_(1.0)
+        torch.testing.assert_close(layer(x) - before, F.linear(F.linear(x, layer.z_down), torch.ones_like(layer.z_up)))
+        layer.load_state_dict({k: v * 0 for k, v in layer.state_dict().items()})
+        assert layer(x).abs().max() == 0

@@ -76,7 +76,7 @@ def test_sweep_config_jobs_compose(name):
     assert base.hydra.job.config_name == name
     assert {"model.weights", "data.root", "cache_dir"} <= set(base.hydra.job.config.override_dirname.exclude_keys)
     jobs = grid(base)
-    expected = {"table1_embedded": 10, "table1_paper": 10, "table2_embedded": 9, "table2_paper": 36,
+    expected = {"table1_embedded": 10, "table1_paper": 10, "table2_embedded": 12, "table2_paper": 36,
                 "table3_embedded": 3, "table3_paper": 9, "table4_embedded": 6, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3}[name]
     assert len(jobs) == expected
@@ -89,14 +89,14 @@ def test_sweep_config_jobs_compose(name):
         if method in METHOD and "z_type" not in dict(o.split("=", 1) for o in job):
             assert (cfg.decomp.name, cfg.schedule.name, cfg.z_type.name, cfg.zfit.solver) == METHOD[method]
         if method == "dense" or "dense" in str(cfg.get("t3", "")):
-            assert cfg.ratio == 0.0 and cfg.target_params is None and cfg.finetune.epochs == 0
+            assert cfg.compress is False and cfg.target_params is None and cfg.finetune.epochs == 0
         if name.endswith("_embedded"):
             assert cfg.model.name.startswith("fmnist_vit") and cfg.data.name == "fashion_mnist"
             assert cfg.device == "cpu" and cfg.logger.name == "none"
         else:
             assert cfg.data.name == "imagenet" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
             assert (cfg.calib.num_samples, cfg.zfit.iters) == (1024, 2000)  # the paper's Sec 4.1
-            if not name.startswith(("table1", "fig")) and method != "dense" and cfg.ratio > 0:
+            if not name.startswith(("table1", "fig")) and cfg.compress:
                 assert cfg.finetune.epochs == 20
         if name.startswith("table1"):
             assert cfg.finetune.epochs == 0 and cfg.ratio == 0.5

@@ -22,7 +22,7 @@ METHODS = {  # method -> (decomp, schedule, z_type, zfit.solver)
     "svd_ft": ("svd", "uniform", "none", "gd"),
 }
 MODELS = {"deit_b": ("deit_base_patch16_224", 86_567_656), "deit_s": ("deit_small_patch16_224", 22_050_664),
-          "fmnist_vit": ("fmnist_vit", 1_199_882), "fmnist_vit_small": ("fmnist_vit_small", 566_890)}
+          "fmnist_vit": ("fmnist_vit", 322_666), "fmnist_vit_small": ("fmnist_vit_small", 87_786)}
 
 
 def write_run(root: Path, name: str, *, model="deit_b", method="ours", ratio=0.5, target=None, ptq=0,
@@ -32,7 +32,7 @@ def write_run(root: Path, name: str, *, model="deit_b", method="ours", ratio=0.5
     model_name, n0 = MODELS[model]
     decomp, schedule, z, solver = METHODS.get(method, METHODS["ours"])
     if method == "dense":
-        ratio, finetune = 0.0, 0
+        finetune = 0
     z = z_type or z
     if params_after is None:
         params_after = n0 if method == "dense" else (target or round((1 - ratio) * n0))
@@ -42,6 +42,7 @@ def write_run(root: Path, name: str, *, model="deit_b", method="ours", ratio=0.5
         "decomp": {"name": decomp}, "schedule": {"name": schedule}, "z_type": {"name": z, "fraction": 0.05},
         "zfit": {"solver": solver, "iters": 2000}, "calib": {"num_samples": 1024},
         "finetune": {"epochs": finetune}, "ptq": {"bits": ptq}, "ratio": ratio, "target_params": target, "seed": 0,
+        "compress": method != "dense",
     }
     res = {
         "status": status, "config": config, "synthetic": synthetic, "model": {"random_weights": synthetic},
@@ -118,15 +119,15 @@ def test_table2_cells_come_from_results_and_paper(t2_dir):
 def test_synthetic_runs_never_fill_accuracy(tmp_path):
     root = tmp_path / "table2_embedded"
     write_run(root, "a", model="fmnist_vit", method="ours", ratio=0.5, synthetic=True, top1=(9.0, 10.0, 11.0),
-              params_after=599_818)
-    write_run(root, "b", model="fmnist_vit", method="svd_ft", ratio=0.5, synthetic=True, params_after=599_818)
+              params_after=161_321)
+    write_run(root, "b", model="fmnist_vit", method="svd_ft", ratio=0.5, synthetic=True, params_after=161_321)
     (t2,) = build_tables([root], [2])
     for r in md_rows(t2):
         assert r["Top-1 Accuracy (%)"] == DASH
         assert r["Top-1 before FT (%)"] in (DASH, "")
         assert r["Paper: Top-1 (%)"] == ""  # the paper has no Fashion-MNIST rows
-    assert row(t2, Method="asvd_whiten")["# Params (Millions)"] == "0.600 (-50%)"  # params stay valid
-    assert row(t2, Method="Baseline")["# Params (Millions)"] == "1.200"
+    assert row(t2, Method="asvd_whiten")["# Params (Millions)"] == "0.161 (-50%)"  # params stay valid
+    assert row(t2, Method="Baseline")["# Params (Millions)"] == "0.323"
     assert t2.csv["top1"].isna().all() and t2.csv["synthetic"].all()
     assert t2.csv["params_m"].notna().all()
     assert any("synthetic" in n for n in t2.notes)
@@ -223,6 +224,7 @@ def test_cli_writes_markdown_and_csv_detected_from_multirun_yaml(t2_dir, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["table2.csv", "table2.md"]
     md = (out / "table2.md").read_text()
     assert md.startswith("## Table 2.") and "| DeiT-B" in md and "81.41" in md
+    assert "| 81.80 " in md  # printed as typed: no number re-parsing that drops the trailing zero
     csv = pd.read_csv(out / "table2.csv")
     assert set(csv["top1"].dropna()) == {81.8, 81.41, 80.02, 76.93, 80.5}
     assert "Table 2" in capsys.readouterr().out

@@ -1,0 +1,107 @@
+"""`python -m amrc_exp.bench --preset smoke` end to end, the stage meter, and the targets logic."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from amrc_exp import bench, bench_report
+from amrc_exp.profiling import StageMeter
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = bench.main(["--preset", "smoke", "--out", str(out)])
+    return rc, out, stdout.getvalue()
+
+
+def test_smoke_writes_json_and_markdown(smoke):
+    rc, out, stdout = smoke
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]  # no temp files, no cache left
+    res = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+    assert res["schema"] == "amrc_exp.bench/1" and res["preset"] == "smoke"
+    assert res["synthetic"] is True and "SYNTHETIC" in md and "SYNTHETIC" in stdout
+    assert "| calibrate |" in stdout and "| compensate |" in md  # where the time goes
+
+
+def test_smoke_every_stage_has_time_and_memory(smoke):
+    _, out, _ = smoke
+    res = json.loads((out / "bench.json").read_text())
+    gd, cf = res["runs"]["gd"], res["runs"]["closed_form"]
+    assert set(gd["stages"]) >= set(bench_report.PIPELINE)
+    assert set(cf["stages"]) >= set(bench_report.PIPELINE) - {"data"}  # data is built once
+    rows = [*gd["stages"].values(), *cf["stages"].values(), res["floor"], res["throughput"]]
+    for row in rows:
+        assert row["seconds"] > 0 and row["rss_peak_mib"] > 0
+        assert row["rss_peak_mib"] >= max(row["rss_start_mib"], row["rss_end_mib"]) - 1
+        assert row["cuda_peak_mib"] is None if res["machine"]["device"] == "cpu" else row["cuda_peak_mib"] > 0
+    assert res["floor"]["images"] == 32 + 16  # calibration + held-out images
+    # GD calibrated afresh; the closed form reused it from the framework's cache.
+    assert gd["calibration_cached"] is False and cf["calibration_cached"] is True
+    assert gd["solver"] == "gd" and cf["solver"] == "closed_form" and res["setup"]["same_ranks"]
+    assert 0 < gd["end_to_end_s"] == pytest.approx(sum(gd["stages"][s]["seconds"] for s in bench_report.PIPELINE),
+                                                   abs=1e-2)
+    assert cf["end_to_end_fresh_calibration_s"] > 0
+    assert gd["params_after"] < gd["params_before"]
+
+
+def test_smoke_throughput_targets_and_machine(smoke):
+    _, out, _ = smoke
+    res = json.loads((out / "bench.json").read_text())
+    tp = res["throughput"]
+    assert tp["ratio"] > 0 and tp["dense_ips"] > 0 and tp["compressed_ips"] > 0
+    assert len(tp["dense_s"]) == len(tp["compressed_s"]) == tp["repeats"]
+    assert tp["ratio"] == pytest.approx(tp["compressed_ips"] / tp["dense_ips"])
+    names = {t["name"] for t in res["targets"]}
+    assert names == {"end_to_end", "peak_rss", "zfit_gd", "throughput_ratio"}  # CPU targets
+    for t in res["targets"]:
+        assert isinstance(t["met"], bool) and t["applies"] is False  # DeiT-B targets, smoke model
+    m = res["machine"]
+    assert m["cpu_model"] and m["cpu_count"] >= 1 and m["torch"] == torch.__version__
+    assert m["torch_threads"] == 1 and m["device"] == "cpu"
+
+
+def test_stage_meter_sees_a_transient_allocation():
+    meter = StageMeter(torch.device("cpu"))
+    with meter("alloc"):
+        x = torch.ones(50 * 2**20)  # 200 MiB, touched, then freed inside the stage
+        time.sleep(0.05)  # several sampling intervals, even where ru_maxrss is already higher
+        del x
+    with meter("alloc"):
+        pass
+    rows = meter.take()
+    assert list(rows) == ["alloc", "alloc_2"] and meter.take() == {}
+    assert rows["alloc"]["rss_peak_mib"] - rows["alloc"]["rss_start_mib"] > 150
+
+
+def test_targets_met_and_not_met():
+    values = {"end_to_end_s": 901.0, "peak_rss_gib": 5.9, "compensate_gd_s": 60.0, "throughput_ratio": 1.29}
+    rows = {t["name"]: t for t in bench_report.targets(values, "cpu", "deit_b")}
+    assert {n: t["met"] for n, t in rows.items()} == {"end_to_end": False, "peak_rss": True, "zfit_gd": True,
+                                                      "throughput_ratio": False}
+    assert all(t["applies"] for t in rows.values())
+    gpu = bench_report.targets({"end_to_end_s": 29.0}, "cuda", "deit_b")
+    assert [(t["name"], t["limit"], t["met"]) for t in gpu] == [("end_to_end", 30.0, True)]
+
+
+def test_presets_compose(tmp_path):
+    for name in bench.PRESETS:
+        cfg = bench.compose_config(name, [], tmp_path / "out", tmp_path / "cache")
+        assert cfg.data.synthetic and cfg.model.weights == "random" and cfg.finetune.epochs == 0
+        assert cfg.ptq.bits == 0 and cfg.logger.name == "none" and cfg.z_type.name == "lowrank"
+    b = bench.compose_config("deit_b", [], tmp_path / "out", tmp_path / "cache")
+    assert (b.model.name, b.calib.num_samples, b.ratio, b.zfit.iters, b.model.img_size) == \
+        ("deit_base_patch16_224", 1024, 0.5, 2000, 224)
+    s = bench.compose_config("deit_s", [], tmp_path / "out", tmp_path / "cache")
+    assert (s.model.name, s.calib.num_samples) == ("deit_small_patch16_224", 256)
