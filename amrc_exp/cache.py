@@ -22,6 +22,9 @@ from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+# Bump when calibrate.py changes the numbers it stores (e.g. how ||X_i W||² is summed): older
+# entries then miss instead of being read as if the new code had made them.
+STATS_VERSION = 2
 
 
 def stats_key_fields(cfg: DictConfig, chunk: int) -> dict[str, Any]:
@@ -30,9 +33,13 @@ def stats_key_fields(cfg: DictConfig, chunk: int) -> dict[str, Any]:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("weights") != "train":
         model.pop("train", None)  # training recipe only matters for the embedded model
+    else:  # the embedded model's architecture lives in the registry, not in the config
+        from amrc_exp.models.embedded import embedded_cache_fields
+
+        model["embedded"] = embedded_cache_fields(cfg)["model"]["arch"]
     data = {k: cfg.data[k] for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: cfg.calib[k] for k in ("num_samples", "heldout_samples")}
-    return {"format": FORMAT, "model": model, "data": data, "calib": calib, "seed": cfg.seed, "chunk": chunk}
+    return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib, "seed": cfg.seed, "chunk": chunk}
 
 
 def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:

@@ -145,21 +145,22 @@ class _Accumulator:
             y = output.reshape(B, -1, output.shape[-1]).float()
             if module.bias is not None:  # ||X_i W||² wants the output without bias
                 y = y - module.bias.float()
-            for what, t in (("input", x), ("output", y)):
-                if not bool(torch.isfinite(t).all()):
+            x_sum = x.sum(dim=0)  # (T, C) float32
+            energy = _energy(y)  # ||X_i W||_F² per image, (B,) float64
+            # A NaN/Inf anywhere reaches these sums: the full element-wise check (3 passes over
+            # each tensor) only runs when a sum is not finite, which is cheap on the normal path.
+            for what, t, total in (("input", x, x_sum), ("output", y, energy)):
+                if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(t).all()):
                     raise NonFiniteActivationError(
                         f"non-finite activations (NaN/Inf) in the {what} of layer {self.name!r} "
                         f"during calibration; check model.weights (a corrupt or diverged checkpoint), "
                         f"or set amp=false if a bf16/fp16 forward overflows"
                     )
-            # ||X_i W||_F² per image; float64 so a large but finite output cannot overflow.
-            energy = y.double().square().sum(dim=(1, 2))  # (B,)
             keep = energy > 0
             # 1/sqrt(energy) on both factors of the Gram == 1/energy on X_iᵀX_i (Eq 5).
             scale = torch.where(keep, energy.clamp_min(1e-300).rsqrt(), 0.0).float()
             xs = (x * scale[:, None, None]).reshape(-1, C)
             gram = xs.T @ xs  # float32, (C, C)
-            x_sum = x.sum(dim=0)  # (T, C) float32
         if self.H is None:
             self.H = torch.zeros(C, C, dtype=torch.float64, device=x.device)
             self.x_sum = torch.zeros(x.shape[1], C, dtype=torch.float64, device=x.device)
@@ -184,6 +185,19 @@ class _Accumulator:
             n_tokens=int(self.n_tokens),
             n_skipped=self.n_skipped,
         )
+
+
+def _energy(y: torch.Tensor) -> torch.Tensor:
+    """Per-image squared Frobenius norm of (B, T, D) float32 `y`, as float64.
+
+    Squares and sums in float32 (float64 copies of every layer output cost more than the
+    Grams; float32's relative rounding is far below what a normalization weight needs); an
+    image whose float32 sum overflows, with finite entries, is redone in float64."""
+    energy = y.square().sum(dim=(1, 2)).double()
+    overflow = torch.isinf(energy)
+    if bool(overflow.any()):
+        energy[overflow] = y[overflow].double().square().sum(dim=(1, 2))
+    return energy
 
 
 def _no_autocast(device: torch.device):

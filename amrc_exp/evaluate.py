@@ -32,26 +32,6 @@ def top1(model: nn.Module, loader, device: torch.device, amp: bool = False, desc
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, sample: torch.Tensor, device: torch.device, repeats: int = 5,
-               amp: bool = False) -> float:
-    """Images per second for one batch shape, median of `repeats` timed runs after a warm-up."""
-    model.eval()
-    sample = sample.to(device)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast_for(device, amp):
-            model(sample)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # first call is the warm-up
-            times.append(time.perf_counter() - start)
-    return sample.shape[0] / sorted(times)[len(times) // 2]
-
-
-@torch.no_grad()
 def throughput_side_by_side(models: dict[str, nn.Module], sample: torch.Tensor, device: torch.device,
                             repeats: int = 5, warmup: int = 1, amp: bool = False) -> dict[str, list[float]]:
     """Seconds per forward of one batch for each model, measured interleaved.

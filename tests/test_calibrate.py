@@ -160,3 +160,28 @@ def test_cuda_amp_close_to_cpu_fp32():
         assert st.H.device.type == "cuda" and st.H.dtype == torch.float64
         rel = (st.H.cpu() - ref[name].H).norm() / ref[name].H.norm()
         assert rel < 5e-2, name  # bf16 forward, fp32 Gram
+
+
+def test_huge_finite_outputs_keep_an_exact_energy():
+    """Entries near 1e20 square past float32's range: those images' ||X_i W||² must still be
+    the float64 value (the normal path sums in float32), and H stays finite."""
+    from amrc_exp.calibrate import _energy
+
+    torch.manual_seed(0)
+    y = torch.randn(3, 5, 4)
+    y[1] *= 1e20  # finite in float32, square overflows
+    expected = y.double().square().sum(dim=(1, 2))
+    got = _energy(y)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_non_finite_input_is_caught_even_if_the_output_is_finite():
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.zero_()  # the output stays finite (zero) whatever the input
+    model = nn.Sequential(lin)
+    x = torch.randn(2, 5, 4)
+    x[1, 2, 3] = float("inf")
+    with pytest.raises(NonFiniteActivationError, match="input of layer"):
+        collect_stats(model, [x], {"0": lin}, num_samples=2)

@@ -254,3 +254,35 @@ def test_minibatch_gd_on_sample_chunks_approaches_closed_form(layer):
     start = float(residual_error(wt, u, v, None, ht, n))
     assert best < got <= best + 0.1 * (start - best)  # recovers >= 90% of the attainable gain
     assert float(hist[1500][0]) == pytest.approx(got)  # history is the full-calibration loss
+
+
+def test_lowrank_analytic_gradient_matches_autograd():
+    """The GD step's hand-written low-rank gradient against autograd of the quadratic form."""
+    from amrc_exp.math.compensate import _LowRank
+
+    torch.manual_seed(0)
+    L, n_in, n_out, q = 3, 7, 5, 2
+    a = torch.randn(L, n_in, 2 * n_in, dtype=torch.float64)
+    h = a @ a.mT  # symmetric PSD
+    hr = h @ torch.randn(L, n_in, n_out, dtype=torch.float64)
+    t = {"G": torch.randn(L, n_in, q, dtype=torch.float64, requires_grad=True),
+         "Y": torch.randn(L, n_out, q, dtype=torch.float64, requires_grad=True)}
+    _LowRank.quad(t, h, hr).sum().backward()
+    got = _LowRank.grad({k: v.detach() for k, v in t.items()}, h, hr)
+    for k in ("G", "Y"):
+        torch.testing.assert_close(got[k], t[k].grad, rtol=1e-10, atol=1e-10)
+
+
+def test_same_shape_groups_split_by_h_bytes():
+    """compress._split_group: consecutive parts, all names once, each part's stacked float64 H
+    within GROUP_H_BYTES (a part of one layer when a single H is larger)."""
+    from amrc_exp import compress
+
+    names = [f"l{i}" for i in range(7)]
+    for n_in in (64, 3072, 8192):
+        weights = {n: torch.empty(n_in, 5) for n in names}  # math convention: in x out
+        parts = compress._split_group(names, weights)
+        assert [n for p in parts for n in p] == names
+        per_h = 8 * n_in * n_in
+        assert all(len(p) == 1 or len(p) * per_h <= compress.GROUP_H_BYTES for p in parts)
+        assert len(parts) == -(-len(names) // max(1, compress.GROUP_H_BYTES // per_h))

@@ -109,3 +109,20 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
     md = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
           if "text/markdown" in o.get("data", {})]
     assert any(m.startswith("## Table 2.") and "Vanilla SVD (no FT)" in m and "asvd_whiten" in m for m in md)
+
+
+def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
+    """`python -m amrc_exp.figures`: the notebook executed headless into --fig-dir."""
+    from amrc_exp import figures
+
+    out = tmp_path / "figs"
+    env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_FIG_DIR")}
+    try:
+        assert figures.main(["--fig-dir", str(out), "--sweep-dirs", str(sweep_output / "t2"),
+                             "--fig2-dirs", str(sweep_output / "fig2")]) == 0
+    finally:
+        for k, v in env_before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert sorted(p.name for p in out.iterdir()) == ["fig1_energy_loss.png", "fig2_rank_sensitivity.png",
+                                                      "fig3_layer_error.png"]
+    assert "fig3_layer_error.png" in capsys.readouterr().out

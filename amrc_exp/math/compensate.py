@@ -121,6 +121,14 @@ class _LowRank:
         g, y = t["G"], t["Y"]  # never forms the in x out Z: O(in^2 q + in out q)
         return _sum2((g.mT @ (h @ g)) * (y.mT @ y)) - 2 * _sum2(g * (hr @ y))
 
+    @staticmethod
+    def grad(t: dict[str, Tensor], h: Tensor, hr: Tensor) -> dict[str, Tensor]:
+        """Gradient of `quad` (H symmetric): d/dG = 2(H G YᵀY - HR Y), d/dY = 2(Y GᵀHG - (HR)ᵀG).
+        H G is formed once and shared: one in²q product per step where autograd needs two."""
+        g, y = t["G"], t["Y"]
+        hg = h @ g
+        return {"G": 2 * (hg @ (y.mT @ y) - hr @ y), "Y": 2 * (y @ (g.mT @ hg) - hr.mT @ g)}
+
     def closed_form(self, r: Tensor, h: Tensor, hr: Tensor, t: dict[str, Tensor], damp: float) -> dict[str, Tensor]:
         # Whitened SVD of R: the exact rank-q optimum (Eckart-Young in the H metric).
         q = t["G"].shape[-1]
@@ -437,7 +445,9 @@ def fit_gd(
     def loss() -> Tensor:
         return (zt.quad(t, h_, hr_).to(torch.float64) + const) / n
 
-    step_loss = loss if h_batches is None else _chunk_loss(zt, t, r, h_batches, n_batches, dtype, seed)
+    full = (h_, hr_, const, n)
+    pick = (lambda: full) if h_batches is None else _chunk_picker(r, h_batches, n_batches, dtype, seed)
+    grad = getattr(zt, "grad", None)  # analytic gradient where the Z type has one (low-rank)
     marks = {round(i * iters / max(1, n_checkpoints)) for i in range(n_checkpoints + 1)}
     history: dict[int, Tensor] = {}
     opt = torch.optim.Adam([t[k] for k in zt.trainable], lr=lr) if zt.trainable else None
@@ -445,9 +455,16 @@ def fit_gd(
         if step in marks:
             with torch.no_grad():
                 history[step] = loss().cpu()
-        value = step_loss()
-        opt.zero_grad(set_to_none=True)
-        value.sum().backward()  # layers are independent: the sum's gradient is per layer
+        hc, hrc, cc, nc = pick()
+        if grad is not None:
+            with torch.no_grad():
+                scale = (1.0 / nc).to(dtype)  # per layer: the loss is (quad + const) / n
+                for k, gk in grad(t, hc, hrc).items():
+                    t[k].grad = gk * scale.reshape(-1, *([1] * (gk.dim() - 1)))
+        else:
+            opt.zero_grad(set_to_none=True)
+            # layers are independent: the sum's gradient is per layer
+            ((zt.quad(t, hc, hrc).to(torch.float64) + cc) / nc).sum().backward()
         opt.step()
     with torch.no_grad():
         history[iters] = loss().cpu()
@@ -455,9 +472,9 @@ def fit_gd(
     return _out(ztype, r, t, dtype), dict(sorted(history.items()))
 
 
-def _chunk_loss(zt, t: dict[str, Tensor], r: Tensor, h_batches: Tensor, n_batches: Tensor,
-                dtype: torch.dtype, seed: int):
-    """Eq 10's loss on one seeded-random chunk of samples per call (mini-batch GD)."""
+def _chunk_picker(r: Tensor, h_batches: Tensor, n_batches: Tensor, dtype: torch.dtype, seed: int):
+    """(H_c, H_c R, tr(Rᵀ H_c R), n_c) of one seeded-random chunk of samples per call
+    (mini-batch GD): Eq 10's loss on that chunk is (quad(H_c, H_c R) + tr(Rᵀ H_c R)) / n_c."""
     hb = h_batches.to(device=r.device, dtype=torch.float64)
     hb = hb[None] if hb.dim() == 3 else hb
     if hb.shape[0] != r.shape[0] or hb.shape[-1] != r.shape[1]:
@@ -469,8 +486,8 @@ def _chunk_loss(zt, t: dict[str, Tensor], r: Tensor, h_batches: Tensor, n_batche
     hb_, hrb_ = hb.to(dtype), hrb.to(dtype)
     picker = torch.Generator().manual_seed(seed + 1)
 
-    def loss() -> Tensor:
+    def pick() -> tuple[Tensor, Tensor, Tensor, Tensor]:
         c = int(torch.randint(hb.shape[1], (1,), generator=picker))
-        return (zt.quad(t, hb_[:, c], hrb_[:, c]).to(torch.float64) + constb[:, c]) / nb[:, c]
+        return hb_[:, c], hrb_[:, c], constb[:, c], nb[:, c]
 
-    return loss
+    return pick
