@@ -62,9 +62,10 @@ def default_create_kwargs(model: nn.Module) -> dict[str, Any]:
     if img is not None:
         img = tuple(int(v) for v in (img if isinstance(img, (tuple, list)) else (img, img)))
         kwargs["img_size"] = img[0] if img[0] == img[1] else list(img)
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, nn.Conv2d):
-        kwargs["in_chans"] = int(proj.in_channels)
+    # The first conv of the patch embedding (a plain patchify conv, or a conv stem's first layer).
+    conv = next((m for m in pe.modules() if isinstance(m, nn.Conv2d)), None) if pe is not None else None
+    if conv is not None:
+        kwargs["in_chans"] = int(conv.in_channels)
     return kwargs
 
 

@@ -14,7 +14,7 @@ import pytest
 from amrc_exp import tables
 from amrc_exp.tables import DASH, build_tables, load_results, main
 
-PAPER_MD = Path("/work/shared/paper/amrc-vit-paper.md")
+PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "amrc-vit-paper.md"  # ../shared beside the repo
 
 METHODS = {  # method -> (decomp, schedule, z_type, zfit.solver)
     "paper": ("asvd_mean", "exp", "lowrank", "gd"),

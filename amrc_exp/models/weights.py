@@ -191,9 +191,12 @@ def _hints(model: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatched:
         if differs(conv_key, 1):
             hints.append(f"  the file's input has {state_dict[conv_key].shape[1]} channels: "
                          f"set model.in_chans={state_dict[conv_key].shape[1]}")
-        if differs(conv_key, 0):
-            hints.append(f"  the file's embedding width is {state_dict[conv_key].shape[0]}, the model's "
-                         f"{expected[conv_key].shape[0]}: check model.name / model.kwargs")
+    # The embedding width: the position embedding's last dim (a conv stem's first conv has its
+    # own width), else the patchify conv's output channels.
+    width_key, width_dim = ("pos_embed", -1) if "pos_embed" in mismatched else (conv_key, 0)
+    if width_key in mismatched and state_dict[width_key].ndim >= 2 and differs(width_key, width_dim):
+        hints.append(f"  the file's embedding width is {state_dict[width_key].shape[width_dim]}, the model's "
+                     f"{expected[width_key].shape[width_dim]}: check model.name / model.kwargs")
     if "pos_embed" in mismatched and differs("pos_embed", 1):
         hints.append("  the position embedding has another token count: check model.img_size")
     return hints
