@@ -161,11 +161,12 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
 GROUP_H_BYTES = 256 * 2**20
 
 
-def _split_group(names: list[str], weights: dict[str, Tensor]) -> list[list[str]]:
-    """`names` (one shape) in consecutive parts whose stacked H stays within GROUP_H_BYTES.
-    Layers fit independently (batched fits equal one-by-one fits), so the split changes no result."""
+def _split_group(names: list[str], weights: dict[str, Tensor], n_chunks: int = 0) -> list[list[str]]:
+    """`names` (one shape) in consecutive parts whose stacked H (the full one plus `n_chunks`
+    mini-batch Grams per layer) stays within GROUP_H_BYTES. Layers fit independently (batched
+    fits equal one-by-one fits), so the split changes no result."""
     n_in = weights[names[0]].shape[0]  # math convention: W is in x out
-    per = max(1, GROUP_H_BYTES // (8 * n_in * n_in))
+    per = max(1, GROUP_H_BYTES // (8 * n_in * n_in * (1 + n_chunks)))
     return [names[i: i + per] for i in range(0, len(names), per)]
 
 
@@ -184,7 +185,8 @@ def compensate_layers(weights: dict[str, Tensor], layers: dict[str, nn.Linear],
         groups[tuple(weights[name].shape)].append(name)
 
     zfits = {}
-    for names in (part for names in groups.values() for part in _split_group(names, weights)):
+    n_chunks = len(stats.get("chunks", []))
+    for names in (part for names in groups.values() for part in _split_group(names, weights, n_chunks)):
         r = torch.stack([residual(weights[n], *factors[n]) for n in names])
         h = torch.stack([calib[n].H for n in names]).to(r)
         if cfg.zfit.solver == "closed_form":

@@ -279,10 +279,10 @@ def test_same_shape_groups_split_by_h_bytes():
     from amrc_exp import compress
 
     names = [f"l{i}" for i in range(7)]
-    for n_in in (64, 3072, 8192):
+    for n_in, chunks in ((64, 0), (3072, 0), (8192, 0), (1536, 4)):
         weights = {n: torch.empty(n_in, 5) for n in names}  # math convention: in x out
-        parts = compress._split_group(names, weights)
+        parts = compress._split_group(names, weights, chunks)
         assert [n for p in parts for n in p] == names
-        per_h = 8 * n_in * n_in
+        per_h = 8 * n_in * n_in * (1 + chunks)
         assert all(len(p) == 1 or len(p) * per_h <= compress.GROUP_H_BYTES for p in parts)
         assert len(parts) == -(-len(names) // max(1, compress.GROUP_H_BYTES // per_h))
