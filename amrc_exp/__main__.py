@@ -1,4 +1,6 @@
-"""`python -m amrc_exp [overrides]`: thin Hydra entry around `amrc_exp.run.run`.
+"""`amrc [overrides]` (or `python -m amrc_exp [overrides]`): thin Hydra entry around
+`amrc_exp.experiment.run.run`. Hydra's job name is `amrc` (log file, submitit job names);
+tab completion: `eval "$(amrc -sc install=bash)"`.
 
 A user-fixable error (`AmrcError`) prints one line and exits 2. In a multirun (`-m`) it fails
 only its own job (its `failed.json` says why): the other jobs still run, and the sweep exits 2
@@ -14,17 +16,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from amrc_exp.config import register_schema
+from amrc_exp.experiment.config import register_schema
 from amrc_exp.errors import AmrcError
 
 register_schema()
 FAILED_JOBS: list[str] = []  # multirun jobs that failed with a user-fixable error
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return its final top-1 so Hydra sweepers can optimise it."""
-    from amrc_exp.run import run  # deferred: `--help` and `--cfg` stay fast
+    from amrc_exp.experiment.run import run  # deferred: `--help` and `--cfg` stay fast
 
     try:
         return run(cfg)["top1"]
@@ -69,7 +71,8 @@ def preflight_output_dir(argv: list[str]) -> str | None:
             f"set {key}=/a/writable/path")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script `amrc`: preflight, the Hydra app, and exit 2 when a job failed."""
     problem = preflight_output_dir(sys.argv[1:])
     if problem:
         print(f"amrc_exp: error: {problem}", file=sys.stderr)
@@ -79,3 +82,7 @@ if __name__ == "__main__":
         print(f"amrc_exp: error: {len(FAILED_JOBS)} job(s) failed (see failed.json in each): "
               + ", ".join(FAILED_JOBS), file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import amrc_exp
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from amrc_exp.config import register_schema
+from amrc_exp.experiment.config import register_schema
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(amrc_exp.CONF_DIR)
 os.environ.setdefault("AMRC_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")

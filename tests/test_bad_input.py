@@ -191,7 +191,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def _run_fails(tmp_path: Path, exc_type, *overrides: str) -> str:
-    from amrc_exp.run import run
+    from amrc_exp.experiment.run import run
 
     with pytest.raises(exc_type) as err:
         run(_cfg(tmp_path, *overrides))
@@ -235,8 +235,8 @@ def test_all_zero_input_channels_run_to_finite_results(tmp_path, weights_dir, mo
     qkv of block 0 gets an all-zero input channel (norm1's weight and bias zero there), fc2 of
     block 1 another (fc1's unit 7 dead), and every image has an all-zero pixel channel."""
     from amrc_exp import data
-    from amrc_exp.export import load_compressed
-    from amrc_exp.run import run
+    from amrc_exp.experiment.export import load_compressed
+    from amrc_exp.experiment.run import run
 
     model = tiny_model(in_chans=3)
     with torch.no_grad():
@@ -266,7 +266,7 @@ def test_all_zero_input_channels_run_to_finite_results(tmp_path, weights_dir, mo
 
 
 def test_logger_online_without_credentials_falls_back_offline(tmp_path, monkeypatch, caplog, one_thread):
-    from amrc_exp.run import run
+    from amrc_exp.experiment.run import run
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -280,7 +280,7 @@ def test_logger_online_without_credentials_falls_back_offline(tmp_path, monkeypa
 
 
 def test_corrupted_cache_entry_is_detected_and_recomputed(tmp_path, caplog, one_thread):
-    from amrc_exp.run import run
+    from amrc_exp.experiment.run import run
 
     first = run(_cfg(tmp_path, RANDOM, "out_dir=" + str(tmp_path / "a")))
     entries = list((tmp_path / "cache" / "stats").glob("*.safetensors"))

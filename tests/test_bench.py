@@ -1,4 +1,4 @@
-"""`python -m amrc_exp.bench --preset smoke` end to end, the stage meter, and the targets logic."""
+"""`python -m amrc_exp.report.bench --preset smoke` end to end, the stage meter, and the targets logic."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from amrc_exp import bench, bench_report
-from amrc_exp.profiling import StageMeter
+from amrc_exp.report import bench, bench_report
+from amrc_exp.report.profiling import StageMeter
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_smoke_writes_json_and_markdown(smoke):
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]  # no temp files, no cache left
     res = json.loads((out / "bench.json").read_text())
     md = (out / "bench.md").read_text()
-    assert res["schema"] == "amrc_exp.bench/1" and res["preset"] == "smoke"
+    assert res["schema"] == "amrc_exp.report.bench/1" and res["preset"] == "smoke"
     assert res["synthetic"] is True and "SYNTHETIC" in md and "SYNTHETIC" in stdout
     assert "| calibrate |" in stdout and "| compensate |" in md  # where the time goes
 

@@ -16,13 +16,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from amrc_exp.config import register_schema
+import amrc_exp
+
+from amrc_exp.experiment.config import register_schema
 from amrc_exp.data import (
     FMNIST_MEAN, FMNIST_STD, build_splits, load_fashion_mnist, make_loader, read_idx,
 )
 from amrc_exp.errors import ConfigError, DataError
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(amrc_exp.CONF_DIR)
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
     not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").exists(),

@@ -18,7 +18,7 @@ VOLATILE = {"seconds", "throughput", "config", "calibration_cached"}  # timings,
 
 
 def _run(tmp_path, name: str, cache: str, *extra: str) -> dict:
-    from amrc_exp.run import run
+    from amrc_exp.experiment.run import run
 
     res = run(compose_cfg(CONFIG + [f"out_dir={tmp_path / name}", f"cache_dir={tmp_path / cache}", *extra]))
     res = dict(res)

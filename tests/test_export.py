@@ -8,11 +8,11 @@ import pytest
 import timm
 import torch
 
-from amrc_exp.calibrate import find_layers
+from amrc_exp.compress.calibrate import find_layers
 from amrc_exp.errors import WeightsError
-from amrc_exp.export import load_compressed, save_compressed
-from amrc_exp.lowrank import LayerPlan, LowRankLinear, compress_, count_params
-from amrc_exp.quantize import quantize_
+from amrc_exp.experiment.export import load_compressed, save_compressed
+from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_, count_params
+from amrc_exp.compress.ptq import quantize_
 
 Z_CYCLE = ["lowrank", "diagonal", "sparse_structured", "sparse_unstructured", "none"]
 

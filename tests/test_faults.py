@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from amrc_exp import cache, io
-from amrc_exp.calibrate import LayerStats
-from amrc_exp.run import RESULTS, finished_result
+from amrc_exp import io
+from amrc_exp.experiment import stats_cache as cache
+from amrc_exp.compress.calibrate import LayerStats
+from amrc_exp.experiment.results import RESULTS, finished_result
 from tests.test_bad_input import RANDOM, ROOT, TINY
 
 SLOW_Z = "zfit.iters=1000"  # ~2 s of Z fitting after calibration: a window to kill in
@@ -125,8 +126,9 @@ def test_kill9_mid_multirun_then_rerun_keeps_finished_jobs_and_completes_the_res
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from amrc_exp import cache, io
-    from amrc_exp.calibrate import LayerStats
+    from amrc_exp import io
+    from amrc_exp.experiment import stats_cache as cache
+    from amrc_exp.compress.calibrate import LayerStats
     cache_dir, results = sys.argv[1], sys.argv[2]
     def stats(v):
         s = LayerStats(H=torch.full((256, 256), v, dtype=torch.float64),
@@ -194,16 +196,19 @@ def test_atomic_write_crash_keeps_old_file_and_no_temp(tmp_path, monkeypatch, cr
 def test_torn_or_foreign_results_file_is_never_a_finished_result(tmp_path):
     config = {"ratio": 0.5, "out_dir": str(tmp_path), "cache_dir": "x"}
     path = tmp_path / RESULTS
+    path.write_text("[]")  # valid JSON, not an object
+    assert finished_result(path, config) is None
+    path.unlink()
     (tmp_path / f".{RESULTS}.abc123.tmp").write_text('{"status": "complete", "config"')  # a kill's leftover
-    assert finished_result(tmp_path, config) is None
+    assert finished_result(path, config) is None
     path.write_text(json.dumps({"status": "complete", "config": config})[:-7])  # torn (not atomic)
-    assert finished_result(tmp_path, config) is None
+    assert finished_result(path, config) is None
     for other in ({"status": "failed", "config": config},
                   {"status": "complete", "config": dict(config, ratio=0.4)}):
         io.atomic_write_json(path, other)
-        assert finished_result(tmp_path, config) is None
+        assert finished_result(path, config) is None
     io.atomic_write_json(path, {"status": "complete", "config": dict(config, out_dir="/elsewhere")})
-    assert finished_result(tmp_path, config)["status"] == "complete"
+    assert finished_result(path, config)["status"] == "complete"
 
 
 def _stats(v: float) -> dict[str, dict[str, LayerStats]]:
@@ -278,8 +283,8 @@ def test_unwritable_cache_never_costs_the_statistics(tmp_path, monkeypatch, capl
 
 def test_tracking_failure_mid_run_never_costs_the_results(tmp_path, monkeypatch, caplog, one_thread):
     """W&B dying mid-run (full disk, crashed service) disables tracking, not the run."""
-    from amrc_exp import run as run_module
-    from amrc_exp.tracking import WandbTracker
+    from amrc_exp.experiment import run as run_module
+    from amrc_exp.experiment.tracking import WandbTracker
     from tests.conftest import compose_cfg
 
     class DeadRun:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amrc_exp.calibrate import find_layers
-from amrc_exp.lowrank import FUSE_MIN_ROWS, LayerPlan, LowRankLinear, compress_, count_params
+from amrc_exp.compress.calibrate import find_layers
+from amrc_exp.compress.lowrank import FUSE_MIN_ROWS, LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.math.allocate import LayerSpec
 from amrc_exp.math.compensate import fit_closed_form, z_dense, z_param_count
 

@@ -16,7 +16,8 @@ from amrc_exp.math.compensate import (
     z_dense,
     z_param_count,
 )
-from amrc_exp.math.decompose import asvd_whiten_spectrum, output_error
+from amrc_exp.math.decompose import asvd_whiten_spectrum
+from amrc_exp.math.error import normalized_error
 
 N_IN, N_OUT, RANK = 16, 12, 4
 
@@ -75,7 +76,7 @@ def test_residual_error_is_the_per_sample_mean(layer):
     got = residual_error(torch.from_numpy(w), u, v, torch.from_numpy(z), torch.from_numpy(h), len(xs))
     assert got.shape == () and float(got) == pytest.approx(direct, rel=1e-10)
     assert float(residual_error(torch.from_numpy(w), u, v, None, torch.from_numpy(h), len(xs))) == pytest.approx(
-        output_error(torch.from_numpy(w), u @ v.T, torch.from_numpy(h), len(xs))
+        float(normalized_error(u @ v.T - torch.from_numpy(w), torch.from_numpy(h), len(xs)))
     )
 
 
@@ -274,14 +275,14 @@ def test_lowrank_analytic_gradient_matches_autograd():
 
 
 def test_same_shape_groups_split_by_h_bytes():
-    """compress._split_group: consecutive parts, all names once, each part's stacked float64 H
+    """compensate.split_group: consecutive parts, all names once, each part's stacked float64 H
     within GROUP_H_BYTES (a part of one layer when a single H is larger)."""
-    from amrc_exp import compress
+    from amrc_exp.compress import compensate as compress
 
     names = [f"l{i}" for i in range(7)]
     for n_in, chunks in ((64, 0), (3072, 0), (8192, 0), (1536, 4)):
         weights = {n: torch.empty(n_in, 5) for n in names}  # math convention: in x out
-        parts = compress._split_group(names, weights, chunks)
+        parts = compress.split_group(names, weights, chunks)
         assert [n for p in parts for n in p] == names
         per_h = 8 * n_in * n_in * (1 + chunks)
         assert all(len(p) == 1 or len(p) * per_h <= compress.GROUP_H_BYTES for p in parts)

@@ -18,13 +18,13 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from amrc_exp.config import register_schema
+from amrc_exp.experiment.config import register_schema
 from amrc_exp.errors import ConfigError, WeightsError
 from amrc_exp.models import build_model
 from amrc_exp.models.embedded import cache_paths, embedded_cache_fields, load_or_train
 from amrc_exp.models.weights import load_file
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from amrc_exp import CONF_DIR
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 # Parameter counts as timm reports them (Table 2's params column for the paper's models).
@@ -264,3 +264,21 @@ def test_cache_key_depends_on_exactly_the_training_fields():
                      "+model.kwargs.drop_path_rate=0.1", "model=fmnist_vit_small"):
         assert key(override) != key(), override
     assert embedded_cache_fields(base)["model"]["arch"]["patch_size"] == 4
+
+
+def test_stats_key_follows_the_trained_weights(monkeypatch):
+    """Calibration statistics of the embedded model depend on its weights, so a recipe or
+    registry change the config does not show must still change the stats cache key."""
+    from amrc_exp.experiment import stats_cache as cache
+    from amrc_exp.models import embedded, registry
+
+    cfg, cfg_random = make_cfg(), make_cfg("model.weights=random")
+    keys = lambda: (cache.stats_key(cfg, 64), cache.stats_key(cfg_random, 64))  # noqa: E731
+    trained, random_init = keys()
+    monkeypatch.setattr(embedded, "RECIPE_VERSION", embedded.RECIPE_VERSION + 1)
+    bumped_trained, bumped_random = keys()
+    assert bumped_trained != trained and bumped_random == random_init  # random init has no recipe
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EMBEDDED_ARCHS, "fmnist_vit", dict(registry.EMBEDDED_ARCHS["fmnist_vit"], stem_width=16))
+    resized_trained, resized_random = keys()
+    assert resized_trained != trained and resized_random != random_init

@@ -1,5 +1,5 @@
 """notebooks/figures.ipynb runs headless (nbclient) on a tiny embedded sweep's output and saves
-Figs 1-3 as PNG; amrc_exp.sensitivity produces Fig 2's data."""
+Figs 1-3 as PNG; amrc_exp.experiment.sensitivity produces Fig 2's data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from amrc_exp import NOTEBOOK_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "figures.ipynb"
+NOTEBOOK = NOTEBOOK_DIR / "figures.ipynb"
 TINY = ["model=fmnist_vit_small", "model.weights=random", "calib.num_samples=32", "calib.heldout_samples=16",
         "calib.batch_size=16", "zfit.iters=10", "zfit.batch_size=16", "data.eval_subset=64",
         "data.finetune_subset=64", "finetune.batch_size=32", "eval.batch_size=64", "finetune.epochs=0"]
@@ -35,7 +37,7 @@ def sweep_output(tmp_path_factory):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert t2.returncode == 0, (t2.stdout + t2.stderr)[-3000:]
     fig2 = subprocess.run(
-        [sys.executable, "-m", "amrc_exp.sensitivity", "-m", "--config-dir", "sweeps", "--config-name", "fig2_embedded",
+        [sys.executable, "-m", "amrc_exp.experiment.sensitivity", "-m", "--config-dir", "sweeps", "--config-name", "fig2_embedded",
          f"hydra.sweep.dir={root / 'fig2'}", f"cache_dir={cache}", "decomp=asvd_whiten",
          "sensitivity.fractions=[0.5,0.1]", *TINY],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
@@ -64,7 +66,7 @@ def test_rank_reduction_restores_weights():
     import torch
 
     from amrc_exp.math.decompose import decompose
-    from amrc_exp.sensitivity import group_layers, reduced_rank
+    from amrc_exp.experiment.sensitivity import group_layers, reduced_rank
 
     torch.manual_seed(0)
     layers = {"blocks.0.attn.qkv": torch.nn.Linear(8, 12), "blocks.0.mlp.fc1": torch.nn.Linear(8, 16),
@@ -96,7 +98,7 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
     os.environ.update(env)  # the kernel inherits them
     try:
         NotebookClient(nb, timeout=120, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+                       resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -112,8 +114,8 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
 
 
 def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
-    """`python -m amrc_exp.figures`: the notebook executed headless into --fig-dir."""
-    from amrc_exp import figures
+    """`python -m amrc_exp.report.figures`: the notebook executed headless into --fig-dir."""
+    from amrc_exp.report import figures
 
     out = tmp_path / "figs"
     env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_FIG_DIR")}

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from amrc_exp import compress
-from amrc_exp.calibrate import NonFiniteActivationError, collect_stats
+from amrc_exp.compress import AMRCConfig, CalibStats, DecompConfig, ScheduleConfig, ZConfig, ZFitConfig, find_layers
+from amrc_exp.compress.compensate import compensate_layers
+from amrc_exp.compress.plan import allocate_ranks, decompose_layers, layer_specs, layer_weights
+from amrc_exp.compress.calibrate import NonFiniteActivationError, collect_stats
 from amrc_exp.errors import ConfigError
-from amrc_exp.lowrank import LayerPlan, LowRankLinear, compress_
+from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_
 from amrc_exp.math.allocate import LayerSpec, allocate_greedy, allocate_uniform, max_removable
 from amrc_exp.math.compensate import Z_TYPES, fit_closed_form, fit_gd, residual, residual_error, z_dense
 from amrc_exp.math.decompose import asvd_mean_spectrum, asvd_whiten_spectrum, svd_spectrum
@@ -103,19 +104,19 @@ def test_rank_one_everywhere_at_the_largest_removable_budget():
 
 
 def _largest_ratio(cfg) -> float:
-    from amrc_exp.lowrank import count_params
+    from amrc_exp.compress.lowrank import count_params
     from amrc_exp.models import build_model
 
     model, _ = build_model(cfg)
     n0 = count_params(model)
-    most = max_removable(compress.layer_specs(compress.find_layers(model), cfg.z_type), cfg.schedule.min_rank)
+    most = max_removable(layer_specs(find_layers(model), cfg.z_type), cfg.schedule.min_rank)
     return math.floor(most / n0 * 1e4) / 1e4
 
 
 @pytest.mark.parametrize("extra", [["decomp=asvd_mean"], ["decomp=asvd_whiten", "zfit.solver=closed_form",
                                                           "z_type=diagonal", "schedule=uniform"]])
 def test_run_at_the_largest_attainable_ratio_is_finite_and_just_above_fails_early(tmp_path, extra, one_thread):
-    from amrc_exp.run import run
+    from amrc_exp.experiment.run import run
 
     base = TINY + [RANDOM, f"cache_dir={tmp_path / 'cache'}", *extra]
     top = _largest_ratio(compose_cfg(base + [f"out_dir={tmp_path}"]))
@@ -129,12 +130,9 @@ def test_run_at_the_largest_attainable_ratio_is_finite_and_just_above_fails_earl
     assert not (tmp_path / "over" / "results.json").exists()
 
 
-def _pipeline_cfg(decomp: str, ztype: str, solver: str):
-    return OmegaConf.create({
-        "decomp": {"name": decomp, "damp": 1e-4}, "z_type": {"name": ztype, "fraction": 0.05},
-        "zfit": {"solver": solver, "lr": 1e-3, "iters": 10, "batch_size": 0, "max_chunk_gib": 1.0},
-        "schedule": {"name": "exp", "iters": 50, "gamma": 80.0, "min_rank": 1}, "seed": 0,
-    })
+def _pipeline_cfg(decomp: str, ztype: str, solver: str) -> AMRCConfig:
+    return AMRCConfig(decomp=DecompConfig(decomp), z_type=ZConfig(ztype),
+                      zfit=ZFitConfig(solver=solver, iters=10, batch_size=0), schedule=ScheduleConfig(iters=50))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -146,20 +144,20 @@ def test_low_precision_model_through_the_pipeline_never_nan(dtype, one_thread):
               ("svd", "sparse_structured", "gd"), ("asvd_whiten", "diagonal", "gd"), ("asvd_mean", "none", "closed_form")]
     for (decomp, ztype, solver), share in zip(combos, (1.0, 0.5, 1.0, 0.5, 1.0)):
         model = tiny_model().to(dtype)
-        layers = compress.find_layers(model)
-        stats = {"calib": collect_stats(model, [x[:32]], layers, 32), "heldout": collect_stats(model, [x[32:]], layers, 16)}
+        layers = find_layers(model)
+        stats = CalibStats(collect_stats(model, [x[:32]], layers, 32), collect_stats(model, [x[32:]], layers, 16))
         cfg = _pipeline_cfg(decomp, ztype, solver)
-        weights = compress.layer_weights(layers)
-        spectra = compress.decompose_layers(weights, stats["calib"], cfg.decomp)
-        specs = compress.layer_specs(layers, cfg.z_type)
-        ranks = compress.allocate_ranks(spectra, specs, int(share * max_removable(specs, 1)), cfg.schedule)
-        plans, rows = compress.compensate_layers(weights, layers, spectra, ranks, stats, cfg)
+        weights = layer_weights(layers)
+        spectra = decompose_layers(weights, stats.calib, cfg.decomp)
+        specs = layer_specs(layers, cfg.z_type)
+        ranks = allocate_ranks(spectra, specs, int(share * max_removable(specs, 1)), cfg.schedule)
+        plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, cfg)
         compress_(model, plans)
         assert all(m.down.dtype == dtype for m in model.modules() if isinstance(m, LowRankLinear))
         with torch.no_grad():
             y = model(x)
         assert y.dtype == dtype and _finite(y), (decomp, ztype, solver)
-        assert all_finite(rows) and all_finite([s.energy_curve().tolist() for s in spectra.values()])
+        assert all_finite([r.to_dict() for r in rows]) and all_finite([s.energy_curve().tolist() for s in spectra.values()])
         if share == 1.0:
             assert set(ranks.values()) == {1}
 
@@ -189,4 +187,4 @@ def test_float16_overflow_in_activations_is_named_not_propagated():
         model.blocks[0].mlp.fc1.weight.fill_(30.0)
     x = torch.randn(4, 1, 28, 28).to(torch.float16)
     with pytest.raises(NonFiniteActivationError, match=r"output of layer 'blocks\.0\.mlp\.fc1'"):
-        collect_stats(model, [x], compress.find_layers(model), 4)
+        collect_stats(model, [x], find_layers(model), 4)

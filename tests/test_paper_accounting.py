@@ -15,11 +15,11 @@ import pytest
 import timm
 import torch
 
-from amrc_exp.calibrate import find_layers
-from amrc_exp.lowrank import LayerPlan, LowRankLinear, compress_, count_params
+from amrc_exp.compress.calibrate import find_layers
+from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.math.allocate import LayerSpec, allocate_greedy
 from amrc_exp.math.compensate import Z_TYPES, z_param_count
-from amrc_exp.quantize import model_size_mib, quantize_
+from amrc_exp.compress.ptq import model_size_mib, quantize_
 
 DEIT_B_PARAMS = 86_567_656  # timm deit_base_patch16_224, 1000 classes
 

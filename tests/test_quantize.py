@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from amrc_exp.lowrank import LowRankLinear, count_params
-from amrc_exp.quantize import model_size_mib, quantize_, quantized_weights, size_breakdown
+from amrc_exp.compress.lowrank import LowRankLinear, count_params
+from amrc_exp.compress.ptq import model_size_mib, quantize_, quantized_weights, size_breakdown
 
 
 def rtn_rows(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amrc_exp.run import run
+from amrc_exp.experiment.run import run
 
 TINY = [
     "model.weights=random", "calib.num_samples=64", "calib.heldout_samples=16",
@@ -77,8 +77,8 @@ def test_second_config_reuses_calibration(first_run):
 
 def test_export_reloads_to_the_evaluated_model(first_run):
     from amrc_exp.data import build_splits, make_loader
-    from amrc_exp.evaluate import top1
-    from amrc_exp.export import load_compressed
+    from amrc_exp.compress.evaluate import top1
+    from amrc_exp.experiment.export import load_compressed
 
     root, cfg, res = first_run
     model = load_compressed(root / "run1" / "model")
@@ -93,7 +93,7 @@ def test_sweep_jobs_share_a_wandb_group(monkeypatch, tmp_path, mode, group):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    import amrc_exp.tracking as tracking
+    import amrc_exp.experiment.tracking as tracking
     from tests.conftest import CONF_DIR
 
     seen = {}

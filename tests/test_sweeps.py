@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import amrc_exp.config  # noqa: F401  (conftest registers the schema)
+import amrc_exp
+import amrc_exp.experiment.config  # noqa: F401  (conftest registers the schema)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
-CONF = ROOT / "conf"
+CONF = amrc_exp.CONF_DIR
 TABLE_CONFIGS = sorted(p.stem for p in SWEEPS.glob("table*.yaml"))
 FIG_CONFIGS = sorted(p.stem for p in SWEEPS.glob("fig*.yaml"))
 METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
@@ -36,7 +37,7 @@ TINY = ["model=fmnist_vit_small", "model.weights=random", "calib.num_samples=32"
 
 def compose_sweep(name: str, overrides: list[str] = ()):
     """Compose a sweep config as `python -m amrc_exp --config-dir sweeps --config-name NAME` would."""
-    from amrc_exp.sensitivity import SensitivityRunConfig
+    from amrc_exp.experiment.sensitivity import SensitivityRunConfig
     from hydra.core.config_store import ConfigStore
 
     if name.startswith("fig"):  # the sensitivity entry point's schema (run schema + `sensitivity`)
@@ -46,7 +47,7 @@ def compose_sweep(name: str, overrides: list[str] = ()):
             return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides],
                            return_hydra_config=True)
     finally:
-        amrc_exp.config.register_schema()
+        amrc_exp.experiment.config.register_schema()
 
 
 def grid(cfg) -> list[list[str]]:
@@ -197,7 +198,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
         assert res["status"] == "complete" and res["synthetic"] is True  # random weights: marked
 
     # the tables of this sweep: params from the results, accuracy never filled (synthetic)
-    from amrc_exp.tables import main
+    from amrc_exp.report.tables import main
 
     assert main([str(sweep), "--out", str(tmp_path / "tables")]) == 0
     import pandas as pd

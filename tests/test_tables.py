@@ -1,4 +1,4 @@
-"""amrc_exp.tables: every cell traced back to the results.json written here, paper columns to
+"""amrc_exp.report.tables: every cell traced back to the results.json written here, paper columns to
 the paper's printed numbers, synthetic runs never filling an accuracy cell."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from amrc_exp import tables
-from amrc_exp.tables import DASH, build_tables, load_results, main
+from amrc_exp.report import tables
+from amrc_exp.report.tables import DASH, build_tables, load_results, main
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "amrc-vit-paper.md"  # ../shared beside the repo
 

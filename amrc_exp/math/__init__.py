@@ -20,9 +20,9 @@ from .decompose import (
     Spectrum,
     asvd_mean_spectrum,
     asvd_whiten_spectrum,
-    output_error,
     svd_spectrum,
 )
+from .error import normalized_error
 from .quant import dequantize, fake_quantize, quantize_rtn, quantized_tensor_bytes, stored_bytes
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "Spectrum",
     "asvd_mean_spectrum",
     "asvd_whiten_spectrum",
-    "output_error",
+    "normalized_error",
     "svd_spectrum",
     "dequantize",
     "fake_quantize",

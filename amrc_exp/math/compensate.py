@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .decompose import asvd_whiten_spectrum, damped
+from .error import normalized_error
 
 __all__ = [
     "ZParams",
@@ -376,7 +377,7 @@ def residual_error(W: Tensor, U: Tensor, V: Tensor, Z: Tensor | None, H: Tensor,
     d = -residual(W, U, V)
     if Z is not None:
         d = d + Z.to(d)
-    return _sum2(d * (H.to(d) @ d)) / n_samples
+    return normalized_error(d, H, n_samples)
 
 
 def _batch(r: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -442,8 +443,8 @@ def fit_gd(
     h_, hr_ = h.to(dtype), hr.to(dtype)
     n = torch.as_tensor(n_samples, dtype=torch.float64, device=r.device)
 
-    def loss() -> Tensor:
-        return (zt.quad(t, h_, hr_).to(torch.float64) + const) / n
+    def loss(hc: Tensor, hrc: Tensor, cc: Tensor, nc: Tensor) -> Tensor:  # Eq 10 per layer
+        return (zt.quad(t, hc, hrc).to(torch.float64) + cc) / nc
 
     full = (h_, hr_, const, n)
     pick = (lambda: full) if h_batches is None else _chunk_picker(r, h_batches, n_batches, dtype, seed)
@@ -454,7 +455,7 @@ def fit_gd(
     for step in range(iters if opt is not None else 0):
         if step in marks:
             with torch.no_grad():
-                history[step] = loss().cpu()
+                history[step] = loss(*full).cpu()
         hc, hrc, cc, nc = pick()
         if grad is not None:
             with torch.no_grad():
@@ -464,10 +465,10 @@ def fit_gd(
         else:
             opt.zero_grad(set_to_none=True)
             # layers are independent: the sum's gradient is per layer
-            ((zt.quad(t, hc, hrc).to(torch.float64) + cc) / nc).sum().backward()
+            loss(hc, hrc, cc, nc).sum().backward()
         opt.step()
     with torch.no_grad():
-        history[iters] = loss().cpu()
+        history[iters] = loss(*full).cpu()
     history.setdefault(0, history[iters])  # no trainable values: Z never moved
     return _out(ztype, r, t, dtype), dict(sorted(history.items()))
 

@@ -21,7 +21,6 @@ __all__ = [
     "whitening_factor",
     "damped",
     "decompose",
-    "output_error",
     "METHODS",
 ]
 
@@ -187,9 +186,3 @@ def decompose(
         hint = ", ".join(f"{n}=..." for n in missing)
         raise ValueError(f"method {method!r} needs statistic(s) {missing} (pass {hint})")
     return build(W, H=H, x_rep=x_rep, damp=damp)
-
-
-def output_error(W: Tensor, W_hat: Tensor, H: Tensor, n_samples: float) -> float:
-    """Mean normalized output error of Eq 5: tr((W_hat - W)^T H (W_hat - W)) / N."""
-    d = (W_hat.to(torch.float64) - W.to(torch.float64)).to(H.device)
-    return float((d * (H.to(torch.float64) @ d)).sum() / n_samples)

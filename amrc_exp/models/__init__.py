@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional
 
 import timm
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from amrc_exp.errors import ConfigError, WeightsError
+from amrc_exp.experiment.config import as_plain
 from amrc_exp.models import registry  # noqa: F401  (registers fmnist_vit* into timm)
 from amrc_exp.models.weights import load_file, load_hub
 
@@ -27,7 +28,7 @@ def create_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
         "num_classes": int(model_cfg.num_classes),
         "img_size": int(model_cfg.img_size),
         "in_chans": int(model_cfg.in_chans),
-        **OmegaConf.to_container(model_cfg.kwargs, resolve=True),
+        **as_plain(model_cfg.kwargs),
     }
 
 

@@ -19,12 +19,13 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from amrc_exp.data import Splits, make_loader
+from amrc_exp.experiment.config import as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 from amrc_exp.models.registry import EMBEDDED_ARCHS
 
@@ -115,8 +116,8 @@ def embedded_cache_fields(cfg: DictConfig) -> dict[str, Any]:
             "img_size": int(cfg.model.img_size),
             "in_chans": int(cfg.model.in_chans),
             "num_classes": int(cfg.model.num_classes),
-            "kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True),
-            "train": OmegaConf.to_container(cfg.model.train, resolve=True),
+            "kwargs": as_plain(cfg.model.kwargs),
+            "train": as_plain(cfg.model.train),
         },
         "seed": int(cfg.seed),
         "data": {"name": str(cfg.data.name), "root": None if cfg.data.root is None else str(cfg.data.root)},

@@ -1,0 +1,164 @@
+"""Typed settings of one compression (the method, not the experiment), with their checks.
+
+These dataclasses are the ONE home of the method's defaults: the experiment layer's Hydra
+schema (`amrc_exp.experiment.config.RunConfig`) nests them as its `decomp`, `schedule`,
+`z_type` and `zfit` nodes, and a notebook builds them directly::
+
+    AMRCConfig(ratio=0.5, decomp=DecompConfig("asvd_whiten"), zfit=ZFitConfig(solver="closed_form"))
+
+Every check runs in ``__post_init__`` (torchao's style) and raises `ConfigError` with the
+config key the experiment layer uses (``decomp.name``, ``zfit.iters``, ...), the bad value
+and what is allowed, so the CLI and a notebook get the same one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from amrc_exp.errors import ConfigError
+from amrc_exp.math.allocate import SCHEDULES
+from amrc_exp.math.compensate import Z_TYPES
+from amrc_exp.math.decompose import METHODS
+
+__all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "ZConfig", "ZFitConfig",
+           "UNIFORM", "SOLVERS", "check"]
+
+# The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
+# naming. Anchored on ``blocks.<i>.`` so the classifier head, patch embedding and Swin's
+# ``layers.<s>.downsample.reduction`` never match; Swin's ``layers.1.blocks.0.attn.qkv``
+# matches through the unanchored prefix.
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    r"(^|\.)blocks\.\d+\.attn\.(qkv|proj)$",
+    r"(^|\.)blocks\.\d+\.mlp\.(fc1|fc2)$",
+)
+UNIFORM = "uniform"  # the non-mixed baseline: one rank fraction for every layer (not a schedule)
+SCHEDULES_AND_UNIFORM = (*SCHEDULES, UNIFORM)
+SOLVERS = ("gd", "closed_form")
+_UNSET = "???"  # OmegaConf's MISSING: a schema node whose option the config group fills in
+
+
+def check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    """ConfigError(key, value, allowed) unless `ok(value)`; an unset (MISSING) node passes."""
+    if value == _UNSET:
+        return
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(key, value, allowed)
+
+
+def one_of(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    check(key, value, lambda v: v in allowed, "one of " + ", ".join(allowed))
+
+
+def positive_int(key: str, value: Any) -> None:
+    check(key, value, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+
+
+def non_negative_int(key: str, value: Any) -> None:
+    check(key, value, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+
+
+def positive_float(key: str, value: Any) -> None:  # inf passes `> 0` and fails hours later
+    check(key, value, lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def non_negative_float(key: str, value: Any) -> None:
+    check(key, value, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+
+
+@dataclass
+class DecompConfig:
+    """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum)."""
+
+    name: str = "asvd_mean"
+    damp: float = 1.0e-4  # relative damping of H (asvd_whiten, closed-form Z): keeps singular H solvable
+
+    def __post_init__(self) -> None:
+        one_of("decomp.name", self.name, tuple(METHODS))
+        non_negative_float("decomp.damp", self.damp)
+
+
+@dataclass
+class ScheduleConfig:
+    """Sec 3.2: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot` schedule, or `uniform`."""
+
+    name: str = "exp"
+    iters: int = 500
+    gamma: float = 80.0
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        one_of("schedule.name", self.name, SCHEDULES_AND_UNIFORM)
+        positive_int("schedule.iters", self.iters)
+        positive_float("schedule.gamma", self.gamma)
+        positive_int("schedule.min_rank", self.min_rank)
+
+
+@dataclass
+class ZConfig:
+    """Sec 3.3: the error-compensation type and its share of each layer's dense parameters."""
+
+    name: str = "lowrank"
+    fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        one_of("z_type.name", self.name, tuple(Z_TYPES))
+        check("z_type.fraction", self.fraction, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+@dataclass
+class ZFitConfig:
+    """How Z is fitted: `gd` (the paper's Adam on Eq 10, Sec 4.1 item 4) or `closed_form` (ours)."""
+
+    solver: str = "gd"
+    lr: float = 1.0e-3
+    iters: int = 2000
+    batch_size: int = 64  # GD mini-batch in samples (Sec 4.1 item 4); 0 = the full calibration set
+    max_chunk_gib: float = 2.0  # memory cap of the per-mini-batch Grams; above it: full batch
+
+    def __post_init__(self) -> None:
+        one_of("zfit.solver", self.solver, SOLVERS)
+        positive_float("zfit.lr", self.lr)
+        positive_int("zfit.iters", self.iters)
+        non_negative_int("zfit.batch_size", self.batch_size)
+        positive_float("zfit.max_chunk_gib", self.max_chunk_gib)
+
+
+@dataclass
+class AMRCConfig:
+    """One compression: the budget plus the four stages' settings.
+
+    Args:
+        ratio: fraction of the WHOLE model's parameters removed (Tab 2), in (0, 1).
+        target_params: an absolute parameter budget instead of `ratio` (Tab 3).
+        seed: seeds the GD start of Z and its mini-batch order.
+        patterns: regexes (``re.search``) of the ``nn.Linear`` names to compress.
+    """
+
+    ratio: float = 0.5
+    target_params: Optional[int] = None
+    decomp: DecompConfig = field(default_factory=DecompConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    z_type: ZConfig = field(default_factory=ZConfig)
+    zfit: ZFitConfig = field(default_factory=ZFitConfig)
+    seed: int = 0
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+
+    def __post_init__(self) -> None:
+        check("ratio", self.ratio, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
+        check("target_params", self.target_params, lambda v: v is None or (isinstance(v, int) and v >= 1),
+              "null or an integer >= 1")
+        check("seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+
+    def params_to_remove(self, n0: int) -> int:
+        """The whole model's budget: ratio·N0, or N0 − target_params."""
+        if self.target_params is not None:
+            if self.target_params >= n0:
+                raise ConfigError("target_params", self.target_params, f"fewer than the model's {n0} parameters")
+            return n0 - self.target_params
+        return round(self.ratio * n0)

@@ -1,0 +1,92 @@
+"""Planning on a model's layers: weights, spectra (Sec 3.1), the budget and the ranks (Sec 3.2).
+
+The math lives in `amrc_exp.math` (paper layout, W: in x out); this module maps a timm
+model's ``nn.Linear`` layers onto it. torch's ``Linear.weight`` is out x in = Wᵀ, converted
+once in `layer_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from amrc_exp.compress.calibrate import LayerStats
+from amrc_exp.compress.config import UNIFORM, AMRCConfig, DecompConfig, ScheduleConfig, ZConfig
+from amrc_exp.errors import ConfigError
+from amrc_exp.math.allocate import LayerSpec, allocate_greedy, allocate_uniform, max_removable
+from amrc_exp.math.compensate import z_param_count
+from amrc_exp.math.decompose import Spectrum, decompose
+
+__all__ = ["layer_weights", "decompose_layers", "layer_specs", "check_budget", "allocate_ranks"]
+
+
+def layer_weights(layers: dict[str, nn.Linear]) -> dict[str, Tensor]:
+    """W in the paper's layout (in x out), float64, on the layer's device."""
+    return {name: layer.weight.detach().to(torch.float64).T for name, layer in layers.items()}
+
+
+def decompose_layers(weights: dict[str, Tensor], stats: dict[str, LayerStats],
+                     decomp: DecompConfig) -> dict[str, Spectrum]:
+    """Full spectrum of every layer, once (Sec 3.1); Algorithm 1 never re-runs an SVD."""
+    return {name: decompose(decomp.name, w, H=stats[name].H, x_rep=stats[name].x_rep, damp=decomp.damp)
+            for name, w in weights.items()}
+
+
+def layer_specs(layers: dict[str, nn.Linear], z: ZConfig) -> list[LayerSpec]:
+    """Shapes and Z overheads; Z's parameters are charged to the budget (Tab 2's params)."""
+    return [LayerSpec(name, layer.in_features, layer.out_features,
+                      z_param_count(z.name, layer.in_features, layer.out_features, z.fraction))
+            for name, layer in layers.items()]
+
+
+def check_budget(layers: dict[str, nn.Linear], n0: int, config: AMRCConfig) -> int:
+    """The number of parameters to remove, after checking that some allocation can remove it.
+
+    Needs only shapes, so a run calls it before calibration and an unmeetable budget fails in
+    seconds. ConfigError names the key to change: ratio or target_params (with the largest
+    value that works), or, when no budget at all can be met, what makes every layer too
+    expensive to factorize (no compressible layer, z_type.fraction or schedule.min_rank)."""
+    to_remove = config.params_to_remove(n0)
+    min_rank = config.schedule.min_rank
+    specs = layer_specs(layers, config.z_type)
+    most = max_removable(specs, min_rank)
+    if to_remove <= most:
+        return to_remove
+    z = config.z_type
+    if not specs:
+        raise ConfigError("model.name", "(this model)", "a ViT/DeiT/Swin whose block linears match the "
+                          f"compressible-layer patterns {list(config.patterns)}: none of its layers matches")
+    if most == 0:
+        why = (f"no compressible layer gets smaller than dense when factorized at rank "
+               f"schedule.min_rank={min_rank}, plus the overhead of z_type={z.name} "
+               f"(z_type.fraction={z.fraction})")
+        # The Z overhead is the culprit only if rank min_rank alone would have saved something.
+        bare = max_removable(layer_specs(layers, ZConfig("none")), min_rank)
+        if bare > 0 and z.name in ("lowrank", "sparse_unstructured", "sparse_structured"):
+            raise ConfigError("z_type.fraction", z.fraction, f"a smaller value: {why}, so no ratio can be "
+                              "met; lower z_type.fraction or use a cheaper z_type (diagonal, none)")
+        raise ConfigError("schedule.min_rank", min_rank, f"a smaller value: {why}, so no ratio can be met")
+    why = (f"at most {most} of its {n0} parameters are removable (every compressible layer at rank "
+           f"schedule.min_rank={min_rank}, plus the overhead of z_type={z.name} (z_type.fraction={z.fraction}))")
+    fix = "lower z_type.fraction, a cheaper z_type (lowrank, diagonal, none) or a lower schedule.min_rank"
+    if config.target_params is not None:
+        raise ConfigError("target_params", config.target_params,
+                          f"an integer >= {n0 - most} for this model: {why}; raise target_params or use {fix}")
+    largest = math.floor(most / n0 * 1e4) / 1e4
+    raise ConfigError("ratio", config.ratio, f"a number <= {largest:.4f} for this model: {why}; "
+                                             f"lower ratio or use {fix}")
+
+
+def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,
+                   schedule: ScheduleConfig) -> dict[str, int | None]:
+    """Rank per layer (None = stays dense) meeting the budget (Sec 3.2, Algorithm 1); the
+    budget was checked by `check_budget`."""
+    if schedule.name == UNIFORM:
+        ranks = allocate_uniform(specs, to_remove, schedule.min_rank)
+    else:
+        curves = [spectra[s.name].energy_curve() for s in specs]
+        ranks = allocate_greedy(curves, specs, to_remove, schedule.name, schedule.iters,
+                                schedule.gamma, schedule.min_rank)
+    return {s.name: r for s, r in zip(specs, ranks)}

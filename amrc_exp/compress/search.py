@@ -1,0 +1,111 @@
+"""The one public call: search a compression for a model, get a savable report, then apply it.
+
+In the spirit of AWQ's ``run_awq`` → results → ``apply_awq`` and torchao's typed configs::
+
+    report = compress_model(model, calib_loader, heldout_loader, AMRCConfig(ratio=0.5))
+    compress_(model, report)            # swap the planned nn.Linear layers in place
+
+`search` is the same from precomputed `CalibStats` (the experiment layer caches them).
+The stages, in order: decompose (Sec 3.1) → allocate (Sec 3.2, Algorithm 1) → compensate
+(Sec 3.3); the model is only read.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_chunk_size
+from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
+from amrc_exp.compress.config import AMRCConfig
+from amrc_exp.compress.lowrank import LayerPlan, count_params
+from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
+
+__all__ = ["CompressionReport", "compress_model", "search"]
+
+Stage = Callable[[str], AbstractContextManager]
+
+
+def _no_stage(name: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+@dataclass
+class CompressionReport:
+    """What a search found: the plans to apply and one row per compressible layer.
+
+    `state_dict()` is plain tensors, lists and numbers (``torch.save`` it), and
+    `from_state_dict` rebuilds the report, so a search can be applied later or elsewhere."""
+
+    plans: dict[str, LayerPlan]
+    layers: list[LayerReport]
+    params_before: int
+    params_target: int
+    n_minibatches: int = 1  # GD mini-batches the Z fit used (1: the full-batch gradient)
+    energy_curves: dict[str, list[float]] = field(default_factory=dict)  # Fig 1: loss vs rank
+
+    @property
+    def ranks(self) -> dict[str, Optional[int]]:
+        return {r.name: r.rank for r in self.layers}
+
+    def summary(self) -> dict[str, float]:
+        """Table 1's columns (Z overhead, mean held-out error before/after Z)."""
+        return residual_summary(self.layers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plans": {n: p.state_dict() for n, p in self.plans.items()},
+                "layers": [r.to_dict() for r in self.layers],
+                **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("plans", "layers")}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "CompressionReport":
+        rest = {k: v for k, v in state.items() if k not in ("plans", "layers")}
+        return cls(plans={n: LayerPlan.from_state_dict(p) for n, p in state["plans"].items()},
+                   layers=[LayerReport(**r) for r in state["layers"]], **rest)
+
+
+def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
+           stage: Stage = _no_stage) -> CompressionReport:
+    """Decompose, allocate and compensate `model`'s compressible layers from `stats`.
+
+    `stage(name)` is entered around each stage ("decompose", "allocate", "compensate"), e.g.
+    a timer. Raises ConfigError when the budget cannot be met (see `plan.check_budget`)."""
+    layers = find_layers(model, config.patterns)
+    n0 = count_params(model)
+    to_remove = check_budget(layers, n0, config)
+    with stage("decompose"):
+        weights = layer_weights(layers)
+        spectra = decompose_layers(weights, stats.calib, config.decomp)
+    with stage("allocate"):
+        ranks = allocate_ranks(spectra, layer_specs(layers, config.z_type), to_remove, config.schedule)
+    with stage("compensate"):
+        plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, config)
+    return CompressionReport(plans, rows, params_before=n0, params_target=n0 - to_remove,
+                             n_minibatches=stats.n_minibatches,
+                             energy_curves={n: s.energy_curve().tolist() for n, s in spectra.items()})
+
+
+def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader: Iterable[Any],
+                   config: AMRCConfig | None = None, *, num_samples: int | None = None,
+                   heldout_samples: int | None = None, device: torch.device | str | None = None,
+                   amp: bool = False, stage: Stage = _no_stage) -> CompressionReport:
+    """Calibrate on the loaders' images (labels ignored), then `search`. The model is not
+    changed: apply the result with ``compress_(model, report)``.
+
+    Calibration is chunked into the GD mini-batches of ``config.zfit`` (Sec 4.1 item 4) so
+    the paper's mini-batch Z fit can run; `num_samples` / `heldout_samples` default to the
+    loaders' dataset sizes."""
+    config = config or AMRCConfig()
+    layers = find_layers(model, config.patterns)
+    check_budget(layers, count_params(model), config)  # seconds, before the calibration pass
+    with stage("calibrate"):
+        n_calib = num_samples if num_samples is not None else len(calib_loader.dataset)  # type: ignore[attr-defined]
+        chunk = gd_chunk_size(config.zfit.batch_size, config.zfit.max_chunk_gib, layers, n_calib)
+        stats = calibrate(model, calib_loader, heldout_loader, num_samples=n_calib,
+                          heldout_samples=heldout_samples, chunk_size=chunk, layers=layers,
+                          device=device, amp=amp)
+    return search(model, stats, config, stage=stage)

@@ -1,0 +1,211 @@
+"""The experiment's typed configuration: the schema Hydra composes into, converted once.
+
+`RunConfig` is registered in Hydra's ConfigStore as `config_schema` and pulled into
+`conf/config.yaml`'s defaults, so a wrong *type* fails at compose time. `to_run_config(cfg)`
+turns the composed DictConfig into these dataclasses (`OmegaConf.to_object`) once per run;
+every dataclass checks its values in ``__post_init__`` and raises `ConfigError` naming the
+key, the bad value and what is allowed. The method's nodes (decomp, schedule, z_type, zfit)
+are the library's own dataclasses (`amrc_exp.compress.config`): defaults live there, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from amrc_exp.compress.config import (
+    AMRCConfig,
+    DecompConfig,
+    ScheduleConfig,
+    ZConfig,
+    ZFitConfig,
+    check,
+    non_negative_float,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+)
+
+DATASETS = ("fashion_mnist", "imagenet", "synthetic")
+LOGGERS = ("wandb", "none")
+LOGGER_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("paper", "ours", "svd_ft", "dense")  # the sweeps' labels (sweeps/method/*.yaml)
+
+
+def _optional_positive_int(key: str, value: Any) -> None:
+    check(key, value, lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """How the embedded model is trained when `model.weights=train` (first use only)."""
+
+    epochs: int = 8
+    lr: float = 2.0e-3
+    batch_size: int = 64
+    weight_decay: float = 0.05
+
+    def __post_init__(self) -> None:
+        non_negative_int("model.train.epochs", self.epochs)
+        positive_float("model.train.lr", self.lr)
+        positive_int("model.train.batch_size", self.batch_size)
+        non_negative_float("model.train.weight_decay", self.weight_decay)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # timm model name, or a model registered by amrc_exp (fmnist_vit)
+    weights: str = "hub"  # hub | random | train | path to a .safetensors/.pth file
+    num_classes: int = 1000
+    img_size: int = 224
+    in_chans: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("num_classes", "img_size", "in_chans"):
+            positive_int(f"model.{key}", getattr(self, key))
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # fashion_mnist | imagenet | synthetic
+    root: Optional[str] = None
+    num_classes: int = 10
+    synthetic: bool = False  # True: random tensors, results are marked and never fill a table
+    num_train: int = 1024  # synthetic only: sizes of the random splits
+    num_val: int = 256
+    augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
+    finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
+    eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        one_of("data.name", self.name, DATASETS)
+        for key in ("num_classes", "num_train", "num_val"):
+            positive_int(f"data.{key}", getattr(self, key))
+        _optional_positive_int("data.finetune_subset", self.finetune_subset)
+        _optional_positive_int("data.eval_subset", self.eval_subset)
+        non_negative_int("data.num_workers", self.num_workers)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "amrc_exp"
+    group: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        one_of("logger.name", self.name, LOGGERS)
+        one_of("logger.mode", self.mode, LOGGER_MODES)
+
+
+@dataclass
+class CalibConfig:
+    num_samples: int = 1024  # proxy dataset size (Sec 4.1 item 1)
+    heldout_samples: int = 256  # held-out samples for residual-error reporting (Tab 1, Fig 3)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "heldout_samples", "batch_size"):
+            positive_int(f"calib.{key}", getattr(self, key))
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 20  # Sec 4.1 item 5; 0 disables fine-tuning
+    lr: float = 1.0e-4
+    batch_size: int = 64
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        non_negative_int("finetune.epochs", self.epochs)
+        positive_float("finetune.lr", self.lr)
+        positive_int("finetune.batch_size", self.batch_size)
+        non_negative_float("finetune.weight_decay", self.weight_decay)
+
+
+@dataclass
+class PTQConfig:
+    bits: int = 0  # 0: off; N: N-bit RTN channel-wise on every weight matrix (App. B)
+
+    def __post_init__(self) -> None:
+        check("ptq.bits", self.bits, lambda v: isinstance(v, int) and (v == 0 or 2 <= v <= 8),
+              "0 (off) or an integer 2..8")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        positive_int("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    decomp: DecompConfig = field(default_factory=DecompConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    z_type: ZConfig = field(default_factory=ZConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    zfit: ZFitConfig = field(default_factory=ZFitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ptq: PTQConfig = field(default_factory=PTQConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Fraction of the WHOLE model's parameters removed (Tab 2). A root float, not a group:
+    # Hydra rejects float group overrides, and `ratio=0.5` must work as typed.
+    ratio: float = 0.5
+    compress: bool = True  # false: the dense model as loaded, evaluated (and PTQ'd): Tab 3/4 references
+    target_params: Optional[int] = None  # absolute budget instead of ratio (Tab 3)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # autocast on CUDA for forward passes (calibration, eval)
+    cache_dir: str = "~/.cache/amrc_exp"
+    out_dir: str = "."  # set to Hydra's run dir by conf/config.yaml
+    method: Optional[str] = None  # the sweep's label (paper | ours | svd_ft | dense); set by sweeps/method/
+
+    def __post_init__(self) -> None:
+        one_of("device", self.device, DEVICES)
+        check("method", self.method, lambda v: v is None or v in METHODS, "null or one of " + ", ".join(METHODS))
+        self.amrc()  # ratio, target_params, seed: checked where the method defines them
+
+    def amrc(self) -> AMRCConfig:
+        """The library's config of this run's compression."""
+        return AMRCConfig(ratio=self.ratio, target_params=self.target_params, decomp=self.decomp,
+                          schedule=self.schedule, z_type=self.z_type, zfit=self.zfit, seed=self.seed)
+
+
+def register_schema() -> None:
+    """Register the schema so `conf/config.yaml` can list `config_schema` in its defaults."""
+    ConfigStore.instance().store(name="config_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """The composed config as typed dataclasses, converted once; every value is checked on
+    the way (ConfigError on the first bad one). A RunConfig passes through."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every value (see `to_run_config`); return the typed config."""
+    return to_run_config(cfg)
+
+
+def as_plain(node: Any) -> Any:
+    """A config node (DictConfig or dataclass) as plain dicts and lists, interpolations resolved."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    if is_dataclass(node):
+        return asdict(node)
+    return node

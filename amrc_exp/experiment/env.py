@@ -1,0 +1,64 @@
+"""A run's environment: seeds, the device, stage timing, writable directories."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from amrc_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "auto or cpu (no CUDA device is visible)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_writable(path: Path, key: str = "out_dir") -> None:
+    """Create `path` and prove a file can be written there, before any work is done."""
+    fix = {"out_dir": "set hydra.run.dir= (or hydra.sweep.dir= for -m) to a writable path",
+           "cache_dir": "set cache_dir= (or AMRC_CACHE_DIR) to a writable path"}[key]
+    probe = path / f".write_probe.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        blocker = path.absolute()
+        while not blocker.exists() and blocker.parent != blocker:
+            blocker = blocker.parent
+        why = f"{blocker} is not a directory" if not blocker.is_dir() else f"{err.strerror or err}: {blocker}"
+        raise ConfigError(key, str(path), f"a writable directory ({why}); {fix}") from None

@@ -1,0 +1,223 @@
+"""The staged run: load → calibrate → decompose → allocate → compensate → apply → fine-tune →
+quantize → evaluate → export. `run(cfg)` converts the composed config once into the typed
+`RunConfig`, drives the library (`amrc_exp.compress`) and returns the metrics dict that is
+also written to `<out_dir>/results.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from amrc_exp.compress import CompressionReport, compress_, count_params, model_size_mib, partial_finetune, quantize_, search, top1
+from amrc_exp.compress.calibrate import find_layers
+from amrc_exp.compress.evaluate import median, throughput_side_by_side
+from amrc_exp.compress.plan import check_budget
+from amrc_exp.errors import AmrcError, ConfigError, WeightsError
+from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
+from amrc_exp.experiment.env import StageTimer, check_writable, resolve_device, seed_everything
+from amrc_exp.experiment.results import RESULTS, finished_result, write_failed
+from amrc_exp.experiment.tracking import Tracker, make_tracker
+from amrc_exp.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
+    """Run every stage for one config; return (and write) the results."""
+    rc = to_run_config(cfg)  # every value checked, before any heavy import or I/O
+    out_dir = Path(rc.out_dir)
+    check_writable(out_dir)
+    check_writable(Path(rc.cache_dir).expanduser(), "cache_dir")
+    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.experiment.export import default_create_kwargs, save_compressed
+    from amrc_exp.models import build_model
+
+    config = as_plain(rc)
+    previous = finished_result(out_dir / RESULTS, config)
+    if previous is not None:  # a rerun of a sweep skips its finished jobs
+        log.info("%s already holds a finished result for this config; skipping", out_dir)
+        print_summary(previous)
+        return previous
+    seed_everything(rc.seed)
+    device = resolve_device(rc.device)
+    amp = rc.amp and device.type == "cuda"
+    timer = StageTimer()
+    tracker = Tracker()  # the real one starts once data, weights and budget are known good
+    res: dict[str, Any] = {"status": "running", "config": config, "device": str(device)}
+
+    try:
+        with timer("data"):
+            splits = build_splits(rc)
+        with timer("load"):
+            model, model_info = build_model(rc, splits)
+            model.to(device).eval()
+            _check_finite_weights(model, rc.model.weights)
+        n0 = count_params(model)
+        if rc.compress:  # before any expensive stage: a budget the model cannot meet fails in seconds
+            check_budget(find_layers(model), n0, rc.amrc())
+        tracker = make_tracker(rc.logger, str(out_dir), config, name=out_dir.name)
+        res["model"] = model_info
+        res["data"] = splits.describe()
+        res["synthetic"] = bool(splits.synthetic or model_info.get("random_weights"))
+        val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
+                                 num_workers=rc.data.num_workers)
+        res["params_before"] = n0
+        res["size_mib_dense_fp16"] = model_size_mib(model, bits=0)
+        with timer("eval_baseline"):
+            res["top1_baseline"] = top1(model, val_loader, device, amp, desc="eval baseline")
+        tracker.log({"top1/baseline": res["top1_baseline"], "params/before": n0})
+
+        if rc.compress:
+            report, cached = compress_stages(model, splits, rc, device, amp, timer)
+            _record_compression(res, report, cached, count_params(model))
+            _log_layers(tracker, report)
+            with timer("eval_compressed"):
+                res["top1_compressed"] = top1(model, val_loader, device, amp, desc="eval compressed")
+            tracker.log({"top1/compressed": res["top1_compressed"], "params/after": res["params_after"]})
+            _finetune(model, splits, rc, device, amp, timer, res)
+            if rc.finetune.epochs:
+                with timer("eval_finetuned"):
+                    res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
+                tracker.log({"top1/finetuned": res["top1_finetuned"]})
+        else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
+            res.update(params_after=n0, ratio_achieved=0.0, layers=[])
+        res["size_mib_compressed_fp16"] = model_size_mib(model, bits=0)
+
+        if rc.ptq.bits:
+            with timer("quantize"):
+                quantize_(model, rc.ptq.bits)
+                res["size_mib_ptq"] = model_size_mib(model, bits=rc.ptq.bits)
+                res["top1_ptq"] = top1(model, val_loader, device, amp, desc="eval ptq")
+            tracker.log({"top1/ptq": res["top1_ptq"]})
+
+        with timer("export"):
+            # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
+            # embed_dim, ...) that cannot be read back from the module.
+            create_kwargs = {**default_create_kwargs(model), **config["model"]["kwargs"]}
+            save_compressed(model, out_dir / "model", meta={"config": config},
+                            model_name=rc.model.name, create_kwargs=create_kwargs)
+        res["top1"] = _final_top1(res)
+        res["throughput"] = _throughput_pair(rc, splits, model, device, amp, build_model)
+        res["seconds"] = timer.seconds
+        res["status"] = "complete"
+        tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
+        atomic_write_json(out_dir / RESULTS, res)
+        print_summary(res)
+        return res
+    except BaseException as err:
+        res["seconds"] = timer.seconds
+        write_failed(out_dir, res, err)  # never read as a finished result
+        raise
+    finally:
+        tracker.finish()
+
+
+def compress_stages(model: torch.nn.Module, splits: Any, rc: RunConfig, device: torch.device,
+                    amp: bool, timer: StageTimer) -> tuple[CompressionReport, bool]:
+    """calibrate (through the stats cache) → the library's `search` → apply, in place on
+    `model`, each stage timed. Returns the report and whether the statistics were cached."""
+    from amrc_exp.experiment.stats_cache import calibration_stats
+
+    with timer("calibrate"):
+        stats, cached = calibration_stats(model, splits, rc, device, amp)
+    report = search(model, stats, rc.amrc(), stage=timer)
+    with timer("apply"):
+        compress_(model, report)
+    return report, cached
+
+
+def _record_compression(res: dict[str, Any], report: CompressionReport, cached: bool, params_after: int) -> None:
+    n0 = res["params_before"]
+    res["calibration_cached"] = cached
+    res["zfit_minibatches"] = report.n_minibatches
+    res["params_after"] = params_after
+    res["params_target"] = report.params_target
+    res["ratio_achieved"] = 1.0 - params_after / n0
+    res["layers"] = [r.to_dict() for r in report.layers]
+    res["table1"] = report.summary()
+    res["energy_curves"] = report.energy_curves
+
+
+def _finetune(model, splits, rc: RunConfig, device, amp, timer, res: dict[str, Any]) -> None:
+    """Partial fine-tune (Sec 4.1 item 5); a diverged loss names finetune.lr."""
+    from amrc_exp.data import make_loader
+
+    with timer("finetune"):
+        ft_loader = make_loader(splits.train, rc.finetune.batch_size, shuffle=True,
+                                seed=rc.seed, num_workers=rc.data.num_workers)
+        try:
+            res["finetune"] = partial_finetune(model, ft_loader, epochs=rc.finetune.epochs,
+                                               lr=rc.finetune.lr, weight_decay=rc.finetune.weight_decay,
+                                               device=device, amp=amp, seed=rc.seed)
+        except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
+            if isinstance(err, AmrcError):
+                raise
+            raise ConfigError("finetune.lr", rc.finetune.lr, f"a smaller learning rate ({err})") from err
+
+
+def _final_top1(res: dict[str, Any]) -> float:
+    for key in ("top1_ptq", "top1_finetuned", "top1_compressed", "top1_baseline"):
+        if key in res:
+            return res[key]
+    raise KeyError("no top-1 measured")
+
+
+def _throughput_pair(rc: RunConfig, splits, model, device, amp, build_model) -> dict[str, float]:
+    """Compressed vs dense images/s on one eval batch, measured side by side (interleaved)."""
+    batch = torch.stack([splits.val[i][0] for i in range(min(64, len(splits.val)))])
+    dense, _ = build_model(replace(rc, model=replace(rc.model, weights="random")), None)
+    dense.to(device).eval()
+    times = throughput_side_by_side({"compressed": model, "dense": dense}, batch, device, amp=amp)
+    compressed_ips, dense_ips = (batch.shape[0] / median(times[k]) for k in ("compressed", "dense"))
+    return {"batch": int(batch.shape[0]), "compressed_ips": compressed_ips, "dense_ips": dense_ips,
+            "speedup": compressed_ips / dense_ips}
+
+
+def _log_layers(tracker: Tracker, report: CompressionReport) -> None:
+    rows = report.layers
+    names = [r.name for r in rows]
+    tracker.bar("rank", names, [r.rank or 0 for r in rows], "Rank per layer (0 = dense)")
+    tracker.lines("layer_error", list(range(len(rows))),
+                  [[r.err_before for r in rows], [r.err_after for r in rows]],
+                  ["before Z", "after Z"], "Held-out normalized error per layer (Fig 3)", "layer")
+    curves = list(report.energy_curves.values())
+    width = max(len(c) for c in curves)
+    tracker.lines("energy_loss", list(range(width)),
+                  [c + [c[-1]] * (width - len(c)) for c in curves], list(report.energy_curves),
+                  "Normalized energy loss vs rank (Fig 1)", "rank")
+
+
+def _check_finite_weights(model: torch.nn.Module, source: Any) -> None:
+    """NaN/Inf in the loaded weights would poison every later stage: name the tensor now."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"model.weights={str(source)!r} holds non-finite values (NaN/Inf) in "
+                               f"{name} ({bad} of {tensor.numel()} entries): the file is corrupt or its "
+                               "training diverged; use another checkpoint")
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    """A short table: params, top-1 at each stage, seconds per stage."""
+    def pct(key):
+        return f"{res[key]:.2f}" if key in res else "-"
+
+    synthetic = "  (SYNTHETIC data/weights: not a paper number)" if res.get("synthetic") else ""
+    lines = [
+        f"amrc_exp results{synthetic}",
+        f"  params        {res['params_before'] / 1e6:8.3f} M -> {res['params_after'] / 1e6:8.3f} M"
+        f"  (removed {100 * res['ratio_achieved']:.2f}%)",
+        f"  size fp16     {res['size_mib_dense_fp16']:8.2f} MiB -> {res['size_mib_compressed_fp16']:.2f} MiB"
+        + (f" -> {res['size_mib_ptq']:.2f} MiB ({res['config']['ptq']['bits']}-bit)" if "size_mib_ptq" in res else ""),
+        f"  top-1 (%)     baseline {pct('top1_baseline')} | compressed {pct('top1_compressed')} |"
+        f" finetuned {pct('top1_finetuned')} | ptq {pct('top1_ptq')}",
+        f"  throughput    {res['throughput']['speedup']:.2f}x dense (batch {res['throughput']['batch']})",
+        "  seconds       " + " | ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()),
+    ]
+    print("\n".join(lines), flush=True)

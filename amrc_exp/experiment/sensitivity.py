@@ -1,0 +1,192 @@
+"""Rank sensitivity (the paper's Fig 2): top-1 as the rank of one block's layers, or of one
+layer type across all blocks, is reduced while every other layer stays dense.
+
+    python -m amrc_exp.experiment.sensitivity [overrides]       # one run -> <run dir>/sensitivity.json
+    python -m amrc_exp.experiment.sensitivity -m --config-dir sweeps --config-name fig2_embedded
+
+Same config as `python -m amrc_exp` (model, data, decomp, calib, ...) plus a `sensitivity`
+node: `fractions` (rank kept, as a fraction of each layer's full rank min(in, out)) and
+`groups` (`blocks`: one curve per transformer block; `types`: one curve per layer type —
+attn.qkv, attn.proj, mlp.fc1, mlp.fc2 — across all blocks). The low-rank weights come from
+the run's `decomp` (svd, asvd_mean or asvd_whiten) with no error compensation and no
+fine-tuning, so the curves show each group's own sensitivity. Calibration statistics come from
+(and go to) the same cache as the compression runs.
+
+A rerun in a directory that already holds a complete sensitivity.json for the same config
+skips the work, by the same rule as `amrc_exp.experiment.run.run` for results.json
+(`amrc_exp.experiment.results.finished_result`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+from torch import nn
+
+from amrc_exp.errors import ConfigError
+from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
+from amrc_exp.experiment.results import finished_result
+from amrc_exp.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+OUTPUT = "sensitivity.json"
+GROUP_KINDS = ("blocks", "types")
+_BLOCK = re.compile(r"^(.*?blocks\.\d+)\.(.+)$")  # timm ViT/DeiT "blocks.3.", Swin "layers.1.blocks.0."
+
+
+@dataclass
+class SensitivityConfig:
+    fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25, 0.1])
+    groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))
+
+    def __post_init__(self) -> None:
+        fractions = [float(f) for f in self.fractions]
+        if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+            raise ConfigError("sensitivity.fractions", fractions, "a non-empty list of numbers in (0, 1]")
+        for kind in self.groups:
+            if kind not in GROUP_KINDS:
+                raise ConfigError("sensitivity.groups", kind, "blocks and/or types")
+
+
+@dataclass
+class SensitivityRunConfig(RunConfig):
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+
+
+def register_schema() -> None:
+    """Make `conf/config.yaml`'s `config_schema` the run schema plus the `sensitivity` node."""
+    ConfigStore.instance().store(name="config_schema", node=SensitivityRunConfig)
+
+
+def group_layers(names: list[str], kind: str) -> dict[str, list[str]]:
+    """Layer names grouped by block ("blocks.3") or by layer type ("attn.qkv"), in model order.
+
+    Layers outside any block (none among timm's compressible linears) are left out."""
+    if kind not in GROUP_KINDS:
+        raise ConfigError("sensitivity.groups", kind, "blocks and/or types")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        m = _BLOCK.match(name)
+        if m:
+            groups.setdefault(m.group(1) if kind == "blocks" else m.group(2), []).append(name)
+    return groups
+
+
+def kept_rank(max_rank: int, fraction: float) -> int:
+    """Rank kept for a fraction of the full rank: round(fraction * max_rank), at least 1."""
+    return max(1, min(max_rank, round(fraction * max_rank)))
+
+
+@contextmanager
+def reduced_rank(layers: dict[str, nn.Linear], spectra: dict[str, Any], names: list[str],
+                 fraction: float) -> Iterator[dict[str, int]]:
+    """Temporarily replace each named layer's weight by its rank-reduced approximation
+    (`Spectrum.approx`, the decomposition's W_hat) and restore the originals afterwards.
+    Yields {layer: rank kept}."""
+    saved = {n: layers[n].weight.detach().clone() for n in names}
+    ranks = {}
+    try:
+        with torch.no_grad():
+            for n in names:
+                r = kept_rank(spectra[n].max_rank, fraction)
+                ranks[n] = r
+                w_hat = spectra[n].approx(r).T  # paper layout (in x out) -> torch (out x in)
+                layers[n].weight.copy_(w_hat.to(layers[n].weight))
+        yield ranks
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                layers[n].weight.copy_(w)
+
+
+def rank_sensitivity(layers: dict[str, nn.Linear], spectra: dict[str, Any], evaluate: Callable[[], float],
+                     fractions: list[float], kinds: list[str]) -> dict[str, Any]:
+    """Top-1 (from `evaluate()`) for every group of every kind at every fraction.
+
+    Returns {"fractions", "ranks": {kind: {group: {layer: [rank per fraction]}}},
+    kind: {group: [top-1 per fraction]}} — Fig 2's curves."""
+    out: dict[str, Any] = {"fractions": list(fractions), "ranks": {}}
+    for kind in kinds:
+        out[kind], out["ranks"][kind] = {}, {}
+        for group, names in group_layers(list(layers), kind).items():
+            accs, ranks = [], {n: [] for n in names}
+            for f in fractions:
+                with reduced_rank(layers, spectra, names, f) as kept:
+                    accs.append(evaluate())
+                for n, r in kept.items():
+                    ranks[n].append(r)
+            out[kind][group] = accs
+            out["ranks"][kind][group] = ranks
+            log.info("sensitivity %s %s: %s", kind, group, ", ".join(f"{a:.2f}" for a in accs))
+    return out
+
+
+def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
+    """One sensitivity run for `cfg`; writes and returns `<out_dir>/sensitivity.json`."""
+    rc = to_run_config(cfg)
+    fractions, kinds = [float(f) for f in rc.sensitivity.fractions], list(rc.sensitivity.groups)
+    from amrc_exp.compress import find_layers, top1
+    from amrc_exp.compress.plan import decompose_layers, layer_weights
+    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.experiment.env import resolve_device, seed_everything
+    from amrc_exp.experiment.stats_cache import calibration_stats
+    from amrc_exp.models import build_model
+
+    out_dir = Path(rc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = as_plain(rc)
+    previous = finished_result(out_dir / OUTPUT, config)
+    if previous is not None:
+        log.info("%s already holds a finished sensitivity run for this config; skipping", out_dir)
+        return previous
+    seed_everything(rc.seed)
+    device = resolve_device(rc.device)
+    amp = rc.amp and device.type == "cuda"
+    start = time.perf_counter()
+    splits = build_splits(rc)
+    model, model_info = build_model(rc, splits)
+    model.to(device).eval()
+    val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
+                             num_workers=rc.data.num_workers)
+
+    def evaluate() -> float:
+        return top1(model, val_loader, device, amp, desc="eval")
+
+    baseline = evaluate()
+    stats, cached = calibration_stats(model, splits, rc, device, amp)
+    layers = find_layers(model)
+    spectra = decompose_layers(layer_weights(layers), stats.calib, rc.decomp)
+    res: dict[str, Any] = {
+        "status": "running", "config": config, "model": model_info, "data": splits.describe(),
+        "synthetic": bool(splits.synthetic or model_info.get("random_weights")),
+        "decomp": rc.decomp.name, "top1_baseline": baseline, "calibration_cached": cached,
+        "layers": {n: {"n_in": l.in_features, "n_out": l.out_features, "rank_cap": spectra[n].rank_cap}
+                   for n, l in layers.items()},
+    }
+    res.update(rank_sensitivity(layers, spectra, evaluate, fractions, kinds))
+    res["seconds"] = round(time.perf_counter() - start, 3)
+    res["status"] = "complete"
+    atomic_write_json(out_dir / OUTPUT, res)
+    log.info("wrote %s (%.0f s)", out_dir / OUTPUT, res["seconds"])
+    return res
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry: one sensitivity run; returns the baseline top-1."""
+    return run_sensitivity(cfg)["top1_baseline"]
+
+
+if __name__ == "__main__":
+    register_schema()
+    main()

@@ -1,0 +1,139 @@
+"""On-disk cache of calibration statistics, keyed by exactly the config fields they depend on.
+
+`calibration_stats` wraps the library's `calibrate`: the library never sees the cache. A sweep over ratio, z_type, schedule, decomp or the Z solver reuses one calibration. Entries
+are a safetensors file plus a JSON manifest written last (both atomically), so an entry whose
+manifest is missing, unreadable or disagrees with the tensors is treated as absent and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from amrc_exp.compress.calibrate import CalibStats, LayerStats, calibrate, find_layers, gd_chunk_size
+from amrc_exp.experiment.config import RunConfig, as_plain
+from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+# Bump when calibrate.py changes the numbers it stores (e.g. how ||X_i W||² is summed): older
+# entries then miss instead of being read as if the new code had made them.
+STATS_VERSION = 2
+
+
+def stats_key_fields(cfg: RunConfig, chunk: int) -> dict[str, Any]:
+    """The fields calibration statistics depend on (and nothing else); `chunk` is the number
+    of samples per stored calibration chunk (the GD mini-batch, or the whole set)."""
+    from amrc_exp.models.embedded import embedded_cache_fields
+    from amrc_exp.models.registry import EMBEDDED_ARCHS
+
+    model = as_plain(cfg.model)
+    model["registry_arch"] = EMBEDDED_ARCHS.get(str(cfg.model.name))  # not in the config; None for timm's
+    if model.get("weights") != "train":
+        model.pop("train", None)  # training recipe only matters for the embedded model
+    else:  # trained by us: the statistics depend on whatever the trained weights depend on
+        model["trained_weights"] = cache_key(embedded_cache_fields(cfg))  # recipe version included
+    data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
+    calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
+    return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib, "seed": cfg.seed, "chunk": chunk}
+
+
+def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
+    root = Path(cache_dir).expanduser() / "stats"
+    return root / f"{key}.safetensors", root / f"{key}.json"
+
+
+def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]]) -> None:
+    """Store {set_name: {layer: LayerStats}} (e.g. calib and heldout) under `key`."""
+    tensors, manifest = {}, {"format": FORMAT, "sets": {}}
+    for set_name, stats in sets.items():
+        manifest["sets"][set_name] = {}
+        for layer, s in stats.items():
+            tensors[f"{set_name}/{layer}/H"] = s.H.detach().cpu().contiguous()
+            tensors[f"{set_name}/{layer}/x_rep"] = s.x_rep.detach().cpu().contiguous()
+            manifest["sets"][set_name][layer] = {"n_samples": s.n_samples, "n_tokens": s.n_tokens,
+                                                  "n_skipped": s.n_skipped}
+    # One id in both files: a manifest is only ever paired with the tensors of its own save.
+    manifest["entry"] = uuid.uuid4().hex
+    tensor_path, manifest_path = _paths(cache_dir, key)
+    try:
+        with atomic_path(tensor_path) as tmp:
+            save_file(tensors, str(tmp), metadata={"entry": manifest["entry"]})
+        atomic_write_json(manifest_path, manifest)  # written last: its presence marks a valid entry
+    except (OSError, SafetensorError) as err:  # a full or read-only cache must not cost the statistics
+        log.warning("could not write calibration cache entry %s (%s); continuing without caching",
+                    tensor_path, err)
+
+
+def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | None:
+    """The cached entry, or None when absent or corrupt (a corrupt one is reported)."""
+    tensor_path, manifest_path = _paths(cache_dir, key)
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = read_json(manifest_path)
+        with safe_open(str(tensor_path), framework="pt") as f:
+            entry = (f.metadata() or {}).get("entry")
+            if entry != manifest.get("entry"):
+                raise ValueError("tensor file and manifest come from different saves")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        sets = {}
+        for set_name, layers in manifest["sets"].items():
+            sets[set_name] = {
+                layer: LayerStats(H=tensors[f"{set_name}/{layer}/H"],
+                                  x_rep=tensors[f"{set_name}/{layer}/x_rep"],
+                                  n_samples=meta["n_samples"], n_tokens=meta["n_tokens"],
+                                  n_skipped=meta["n_skipped"])
+                for layer, meta in layers.items()
+            }
+        _check_finite(sets)
+        return sets
+    except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
+        log.warning("calibration cache entry %s is corrupt (%s); recomputing", tensor_path.name, err)
+        manifest_path.unlink(missing_ok=True)
+        return None
+
+
+def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
+    for stats in sets.values():
+        for layer, s in stats.items():
+            if not (torch.isfinite(s.H).all() and torch.isfinite(s.x_rep).all()):
+                raise ValueError(f"non-finite statistics for {layer}")
+
+
+def stats_key(cfg: RunConfig, chunk: int) -> str:
+    return cache_key(stats_key_fields(cfg, chunk))
+
+
+def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: torch.device,
+                      amp: bool) -> tuple[CalibStats, bool]:
+    """`calibrate` on the run's calibration and held-out splits (in GD mini-batch chunks),
+    or the cached statistics of an earlier run with the same key. Returns (stats on `device`, hit)."""
+    from amrc_exp.data import make_loader
+
+    layers = find_layers(model)
+    n_calib = len(splits.calib)
+    chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib)
+    key = stats_key(cfg, chunk)
+    sets = load_stats(cfg.cache_dir, key)
+    if sets is not None:
+        chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
+        return CalibStats.from_chunks(chunks, sets["heldout"]).to(device), True
+
+    def loader(dataset: Any) -> Any:
+        return make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
+                           num_workers=cfg.data.num_workers)
+
+    stats = calibrate(model, loader(splits.calib), loader(splits.heldout), num_samples=n_calib,
+                      heldout_samples=len(splits.heldout), chunk_size=chunk, layers=layers,
+                      device=device, amp=amp)
+    chunks = stats.chunks or [stats.calib]
+    save_stats(cfg.cache_dir, key, {"heldout": stats.heldout, **{f"calib/{i:04d}": c for i, c in enumerate(chunks)}})
+    return stats.to(device), False

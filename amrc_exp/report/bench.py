@@ -1,0 +1,217 @@
+"""`python -m amrc_exp.report.bench [--preset deit_b|deit_s|smoke] [overrides ...]`: where a compression
+run's time and memory go, GD vs closed-form Z, and compressed vs dense inference throughput.
+
+One invocation composes `conf/` with the preset's overrides (random weights, synthetic data,
+no fine-tuning, no PTQ, no logger) and runs, with wall time and peak memory per stage
+(`profiling.StageMeter`):
+
+1. data, load, and the floor: the calibration images through the dense model, no statistics;
+2. the compression stages of `run.compress_stages` with ``zfit.solver=gd`` (fresh calibration,
+   in a private cache directory);
+3. compressed vs dense images/s at the preset's batch, interleaved repetitions, median;
+4. the same stages with ``zfit.solver=closed_form`` on a freshly loaded model; its calibration
+   is the framework's cache hit of step 2 (same key), reported as such.
+
+Writes ``bench.json`` and ``bench.md`` (atomically) to ``--out`` (default
+``outputs/bench/<preset>``) and prints the per-stage tables. Results are synthetic: timings
+and memory only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from amrc_exp import CONF_DIR
+from amrc_exp.experiment.config import RunConfig
+from amrc_exp.report import bench_report as report
+
+COMMON = ("model.weights=random", "data=synthetic", "ratio=0.5", "z_type=lowrank", "finetune.epochs=0",
+          "ptq.bits=0", "logger=none", "zfit.iters=2000")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Config overrides (after `COMMON`) and the throughput protocol."""
+
+    overrides: tuple[str, ...]
+    batch: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+
+PRESETS: dict[str, Preset] = {
+    "deit_b": Preset(("model=deit_b", "calib.num_samples=1024")),
+    "deit_s": Preset(("model=deit_s", "calib.num_samples=256")),
+    # A 2-block DeiT-Tiny on 32x32 inputs and a handful of images: the test's end-to-end check.
+    "smoke": Preset(("model=deit_t", "model.img_size=32", "+model.kwargs.depth=2", "calib.num_samples=32",
+                     "calib.heldout_samples=16", "calib.batch_size=16", "data.num_train=48",
+                     "data.num_val=16", "zfit.iters=20", "zfit.batch_size=16", "schedule.iters=50"),
+                    batch=8, repeats=3, warmup=1),
+}
+
+
+def compose_config(preset: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> RunConfig:
+    """`conf/config.yaml` with COMMON, the preset's and the user's overrides (in that order), typed."""
+    from hydra import compose, initialize_config_dir
+
+    from amrc_exp.experiment.config import register_schema, to_run_config
+
+    register_schema()
+    base = [*COMMON, *PRESETS[preset].overrides, f"out_dir={out_dir}", f"cache_dir={cache_dir}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=base + list(overrides))
+    return to_run_config(cfg)
+
+
+@torch.no_grad()
+def forward_floor(model: torch.nn.Module, splits: Any, cfg: RunConfig, device: torch.device,
+                  amp: bool) -> int:
+    """The calibration images (held-out and calibration sets, as calibration reads them) through
+    the model with no hooks: the lower bound of the calibrate stage. Returns the image count."""
+    from amrc_exp.data import make_loader
+    from amrc_exp.compress.evaluate import autocast_for
+
+    n = 0
+    for dataset in (splits.heldout, splits.calib):
+        loader = make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers)
+        for images, _ in loader:
+            with autocast_for(device, amp):
+                model(images.to(device))
+            n += len(images)
+    return n
+
+
+def compression_run(cfg: RunConfig, splits: Any, meter: Any, device: torch.device,
+                    amp: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """load + `run.compress_stages` for `cfg`; returns the compressed model and its record."""
+    from amrc_exp.compress import count_params, find_layers
+    from amrc_exp.compress.plan import check_budget
+    from amrc_exp.experiment.env import seed_everything
+    from amrc_exp.experiment.run import compress_stages
+    from amrc_exp.models import build_model
+
+    seed_everything(cfg.seed)
+    with meter("load"):
+        model, _ = build_model(cfg, splits)
+        model.to(device).eval()
+    n0 = count_params(model)
+    check_budget(find_layers(model), n0, cfg.amrc())
+    report, cached = compress_stages(model, splits, cfg, device, amp, meter)
+    return model, {
+        "solver": cfg.zfit.solver, "calibration_cached": cached,
+        "zfit_minibatches": report.n_minibatches, "params_before": n0, "params_after": count_params(model),
+        "ratio_achieved": 1.0 - count_params(model) / n0,
+        "ranks": [r.rank for r in report.layers],
+        "residual_error": report.summary(),
+    }
+
+
+def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
+    """Run the whole benchmark for `preset`; write and return the result."""
+    from amrc_exp.data import build_splits
+    from amrc_exp.compress.evaluate import median, throughput_side_by_side
+    from amrc_exp.io import atomic_write_json, atomic_write_text
+    from amrc_exp.models import build_model
+    from amrc_exp.report.profiling import StageMeter, machine_info, max_rss
+    from amrc_exp.experiment.env import resolve_device
+
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(tempfile.mkdtemp(prefix=".calib_cache.", dir=out_dir))  # fresh: a real calibration
+    try:
+        cfg = compose_config(preset, overrides, out_dir, cache_dir)
+        device = resolve_device(cfg.device)
+        amp = bool(cfg.amp) and device.type == "cuda"
+        meter, p = StageMeter(device), PRESETS[preset]
+        gd_cfg = replace(cfg, zfit=replace(cfg.zfit, solver="gd"))
+        cf_cfg = replace(cfg, zfit=replace(cfg.zfit, solver="closed_form"))
+
+        with meter("data"):
+            splits = build_splits(gd_cfg)
+        model, gd = compression_run(gd_cfg, splits, meter, device, amp)
+        gd["stages"] = meter.take()
+        dense, _ = build_model(gd_cfg, splits)  # the same seeded weights, before compression
+        dense.to(device).eval()
+        with meter("floor_forward"):  # the calibration forward alone
+            images = forward_floor(dense, splits, gd_cfg, device, amp)
+        floor = {**meter.take()["floor_forward"], "images": images}
+
+        batch = torch.stack([splits.val[i][0] for i in range(min(p.batch, len(splits.val)))])
+        with meter("throughput"):
+            times = throughput_side_by_side({"dense": dense, "compressed": model}, batch, device,
+                                            repeats=p.repeats, warmup=p.warmup, amp=amp)
+        ips = {k: batch.shape[0] / median(v) for k, v in times.items()}
+        throughput = {"batch": int(batch.shape[0]), "repeats": p.repeats, "warmup": p.warmup,
+                      "dense_ips": ips["dense"], "compressed_ips": ips["compressed"],
+                      "ratio": ips["compressed"] / ips["dense"], "dense_s": times["dense"],
+                      "compressed_s": times["compressed"], **meter.take()["throughput"]}
+        del model, dense
+        gc.collect()
+
+        _, cf = compression_run(cf_cfg, splits, meter, device, amp)
+        cf["stages"] = meter.take()
+        for run in (gd, cf):
+            run["end_to_end_s"] = report.end_to_end(run["stages"])
+            run["peak_rss_mib"] = report.peak_rss_mib(run["stages"])
+        # The closed form's own run reused the calibration: what it costs with a fresh one.
+        fresh = {**cf["stages"], "data": gd["stages"]["data"], "calibrate": gd["stages"]["calibrate"]}
+        cf["end_to_end_fresh_calibration_s"] = report.end_to_end(fresh)
+
+        result: dict[str, Any] = {
+            "schema": "amrc_exp.report.bench/1", "preset": preset, "synthetic": True,
+            "note": "random weights and random images: timings and memory only, no accuracy meaning",
+            "overrides": [*COMMON, *p.overrides, *overrides],
+            "setup": {"model": str(cfg.model.name), "calib_samples": int(cfg.calib.num_samples),
+                      "heldout_samples": int(cfg.calib.heldout_samples),
+                      "image_shape": [int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size)],
+                      "ratio": float(cfg.ratio), "z_type": str(cfg.z_type.name), "zfit_iters": int(cfg.zfit.iters),
+                      "same_ranks": gd["ranks"] == cf["ranks"]},
+            "machine": machine_info(device), "floor": floor, "runs": {"gd": gd, "closed_form": cf},
+            "throughput": throughput, "process_peak_rss_mib": round(max_rss() / 2**20, 1),
+        }
+        result["summary"] = report.summary(result)
+        result["targets"] = report.targets(result["summary"], device.type, preset)
+        result["total_seconds"] = round(time.perf_counter() - started, 3)
+        atomic_write_json(out_dir / "bench.json", result)
+        atomic_write_text(out_dir / "bench.md", report.markdown(result))
+        return result
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amrc_exp.report.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="deit_b")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default outputs/bench/<preset>)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. device=cuda")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = args.out or Path("outputs/bench") / args.preset
+    from amrc_exp.errors import AmrcError
+
+    try:
+        result = bench(args.preset, args.overrides, out_dir)
+    except AmrcError as err:
+        print(f"amrc_exp.report.bench: error: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown(result))
+    print(f"written: {out_dir / 'bench.json'}, {out_dir / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""`python -m amrc_exp.report.figures`: execute amrc_exp/notebooks/figures.ipynb headless (nbclient) and save
+Fig 1-3 as PNG, without Jupyter installed.
+
+    python -m amrc_exp.report.figures --fig-dir results/figures \\
+        [--sweep-dirs outputs/sweeps/table2_embedded] [--fig2-dirs outputs/sweeps/fig2_embedded]
+
+The notebook reads the same inputs from AMRC_SWEEP_DIRS / AMRC_FIG2_DIRS / AMRC_FIG_DIR. Needs
+the dev extras (nbclient, nbformat, ipykernel), which scripts/setup.sh installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from amrc_exp import NOTEBOOK_DIR
+
+NOTEBOOK = NOTEBOOK_DIR / "figures.ipynb"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amrc_exp.report.figures", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fig-dir", type=Path, default=Path("figures"))
+    parser.add_argument("--sweep-dirs", nargs="*", type=Path, default=None)
+    parser.add_argument("--fig2-dirs", nargs="*", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    env = {"AMRC_FIG_DIR": str(args.fig_dir.resolve()), "AMRC_ROOT": str(Path.cwd())}
+    for key, dirs in (("AMRC_SWEEP_DIRS", args.sweep_dirs), ("AMRC_FIG2_DIRS", args.fig2_dirs)):
+        if dirs:
+            env[key] = os.pathsep.join(str(d.resolve()) for d in dirs)
+    os.environ.update(env)  # the kernel inherits the environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    pngs = sorted(p.name for p in args.fig_dir.glob("*.png"))
+    print(f"executed {NOTEBOOK}; figures in {args.fig_dir}: {', '.join(pngs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
