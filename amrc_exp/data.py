@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from amrc_exp.errors import ConfigError, DataError
+from amrc_exp.io import network_available
 
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
@@ -44,23 +45,6 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 # Seed streams: independent, so changing one subset's size never reshuffles another.
 _STREAM_CALIB, _STREAM_FINETUNE, _STREAM_EVAL, _STREAM_SYN_TRAIN, _STREAM_SYN_VAL = range(5)
-
-
-# ----------------------------------------------------------------------------- network
-
-
-def network_available(host: tuple[str, int] = FMNIST_PROBE_HOST, timeout: float = 2.0) -> bool:
-    """True if a TCP connection to `host` opens within `timeout` s.
-
-    `AMRC_OFFLINE=1` (set by the tests) short-circuits to False without touching the network.
-    """
-    if os.environ.get("AMRC_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection(host, timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -104,7 +88,7 @@ def _find_idx(root: Path, base: str) -> Optional[Path]:
 def load_fashion_mnist(
     root: str | os.PathLike | None,
     download_dir: str | os.PathLike | None = None,
-    network_probe: Callable[[], bool] = network_available,
+    network_probe: Callable[[], bool] = lambda: network_available(FMNIST_PROBE_HOST),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Fashion-MNIST as `{"train": (60000x28x28 uint8, labels int64), "test": (10000x28x28, ...)}`.
 
@@ -307,7 +291,7 @@ def timm_transforms(cfg: DictConfig, model: Optional[torch.nn.Module] = None) ->
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    import amrc_exp.models.registry  # noqa: F401  (embedded names resolve their cfg too)
+    import amrc_exp.models.fmnist_vit  # noqa: F401  (embedded names resolve their cfg too)
 
     input_size = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
     if model is not None:

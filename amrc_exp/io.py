@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,3 +59,17 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def network_available(host: tuple[str, int], timeout: float = 2.0) -> bool:
+    """True if a TCP connection to `host` opens within `timeout` s.
+
+    `AMRC_OFFLINE=1` (set by the tests) short-circuits to False without touching the network.
+    """
+    if os.environ.get("AMRC_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False

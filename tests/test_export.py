@@ -13,6 +13,7 @@ from amrc_exp.errors import WeightsError
 from amrc_exp.experiment.export import load_compressed, save_compressed
 from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.compress.ptq import quantize_
+from amrc_exp.math.compensate import ZParams
 
 Z_CYCLE = ["lowrank", "diagonal", "sparse_structured", "sparse_unstructured", "none"]
 
@@ -31,11 +32,11 @@ def plans_for(model, gen: torch.Generator, every: int = 1) -> dict[str, LayerPla
         elif zt == "diagonal":
             kw = {"d": torch.randn(min(n_in, n_out), generator=gen)}
         elif zt == "sparse_structured":
-            kw = {"indices": torch.randperm(n_in, generator=gen)[:3], "values": torch.randn(3, n_out, generator=gen)}
+            kw = {"rows": torch.randperm(n_in, generator=gen)[:3], "values": torch.randn(3, n_out, generator=gen)}
         elif zt == "sparse_unstructured":
             k = n_in * n_out // 20
-            kw = {"indices": torch.randperm(n_in * n_out, generator=gen)[:k], "values": torch.randn(k, generator=gen)}
-        plans[name] = LayerPlan(name, U, V, zt, **kw)
+            kw = {"index": torch.randperm(n_in * n_out, generator=gen)[:k], "values": torch.randn(k, generator=gen)}
+        plans[name] = LayerPlan.from_factors(name, U, V, ZParams(zt, n_in, n_out, kw) if kw else None)
     return plans
 
 

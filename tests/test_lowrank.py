@@ -14,7 +14,7 @@ from torch import nn
 from amrc_exp.compress.calibrate import find_layers
 from amrc_exp.compress.lowrank import FUSE_MIN_ROWS, LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.math.allocate import LayerSpec
-from amrc_exp.math.compensate import fit_closed_form, z_dense, z_param_count
+from amrc_exp.math.compensate import ZParams, fit_closed_form, z_dense, z_param_count
 
 Z_KINDS = ["none", "lowrank", "diagonal", "sparse_structured", "sparse_unstructured"]
 
@@ -43,17 +43,18 @@ def random_plan(name: str, n_in: int, n_out: int, r: int, z_type: str, gen: torc
     elif z_type == "sparse_structured":
         k = max(1, math.floor(fraction * n_in))
         rows = torch.randperm(n_in, generator=gen)[:k]
-        kw["indices"], kw["values"] = rows, randn(k, n_out)
+        kw["rows"], kw["values"] = rows, randn(k, n_out)
         for a, row in enumerate(rows.tolist()):
             Z[row] = kw["values"][a]
     elif z_type == "sparse_unstructured":
         k = math.floor(fraction * n_in * n_out)
         flat = torch.randperm(n_in * n_out, generator=gen)[:k]  # unsorted on purpose
-        kw["indices"], kw["values"] = flat, randn(k)
+        kw["index"], kw["values"] = flat, randn(k)
         for pos, val in zip(flat.tolist(), kw["values"].tolist()):
             Z[pos // n_out, pos % n_out] = val
     b = randn(n_out) if bias else None
-    return LayerPlan(name, U, V, z_type, bias=b, **kw), Z
+    z = ZParams(z_type, n_in, n_out, kw) if z_type != "none" else None
+    return LayerPlan.from_factors(name, U, V, z, bias=b), Z
 
 
 @pytest.mark.parametrize("z_type", Z_KINDS)
@@ -64,9 +65,9 @@ def test_forward_equals_dense(z_type, shape):
     plan, Z = random_plan("l", n_in, n_out, 5, z_type, gen)
     layer = LowRankLinear.from_plan(plan, dtype=torch.float64)
     x = torch.randn(3, 7, n_in, dtype=torch.float64, generator=gen)
-    expected = x @ (plan.U @ plan.V.T + Z) + plan.bias  # O = X (U Vᵀ + Z) + b, Eq 1-2
+    expected = x @ (plan.down.T @ plan.up.T + Z) + plan.bias  # O = X (U Vᵀ + Z) + b, Eq 1-2
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(layer.dense_weight(), (plan.U @ plan.V.T + Z).T)
+    torch.testing.assert_close(layer.dense_weight(), plan.up @ plan.down + Z.T)
     # float32 too (the dtype a model really runs in)
     layer32 = LowRankLinear.from_plan(plan, dtype=torch.float32)
     torch.testing.assert_close(layer32(x.float()), expected.float(), rtol=1e-4, atol=1e-4)
@@ -92,14 +93,14 @@ def test_param_count_formula(z_type):
 
 @pytest.mark.parametrize("z_type", Z_KINDS)
 def test_plan_from_compensate_output(z_type):
-    """LayerPlan.from_z accepts math.compensate's ZParams; the layer reproduces its dense Z."""
+    """A plan holds math.compensate's ZParams as fitted; the layer reproduces its dense Z."""
     gen = torch.Generator().manual_seed(3)
     n_in, n_out = 20, 12
     R = torch.randn(n_in, n_out, dtype=torch.float64, generator=gen)
     X = torch.randn(50, n_in, dtype=torch.float64, generator=gen)
     zp = fit_closed_form(z_type, R, X.T @ X, dtype=torch.float64)
     U, V = torch.zeros(n_in, 1, dtype=torch.float64), torch.zeros(n_out, 1, dtype=torch.float64)
-    layer = LowRankLinear.from_plan(LayerPlan.from_z("l", U, V, z_type, zp.layer(0)))
+    layer = LowRankLinear.from_plan(LayerPlan.from_factors("l", U, V, zp.layer(0)))
     torch.testing.assert_close(layer.dense_z().T, z_dense(z_type, zp)[0])
     assert layer.param_count() - 1 * (n_in + n_out) == z_param_count(z_type, n_in, n_out)
 
@@ -126,7 +127,7 @@ def test_compress_swaps_planned_layers_and_accounts():
                               scale=0.1, dtype=torch.float32)
         plans[name] = plan
         with torch.no_grad():  # the dense stand-in: Linear.weight = (U Vᵀ + Z)ᵀ
-            reference.get_submodule(name).weight.copy_((plan.U @ plan.V.T + Z).T)
+            reference.get_submodule(name).weight.copy_(plan.up @ plan.down + Z.T)
         spec = LayerSpec(name, lin.in_features, lin.out_features, z_param_count(zt, lin.in_features, lin.out_features))
         removed += spec.dense_params - spec.params_at(r)
 
@@ -149,11 +150,11 @@ def test_compress_preserves_dtype_and_rejects_unknown():
     plan, _ = random_plan("blocks.0.mlp.fc2", 128, 32, 4, "lowrank", torch.Generator().manual_seed(2))
     compress_(model, [plan])
     new = model.get_submodule("blocks.0.mlp.fc2")
-    assert isinstance(new, LowRankLinear) and new.down.dtype == torch.float64 and new.z_up.dtype == torch.float64
+    assert isinstance(new, LowRankLinear) and new.down.dtype == torch.float64 and new.z.up.dtype == torch.float64
     with pytest.raises(KeyError):
-        compress_(model, [LayerPlan("blocks.9.mlp.fc2", plan.U, plan.V)])
+        compress_(model, [LayerPlan("blocks.9.mlp.fc2", plan.down, plan.up)])
     with pytest.raises(ValueError):
-        compress_(model, [LayerPlan("blocks.1.mlp.fc1", plan.U, plan.V)])  # 128→32 plan on a 32→128 layer
+        compress_(model, [LayerPlan("blocks.1.mlp.fc1", plan.down, plan.up)])  # 128→32 plan on a 32→128 layer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -174,11 +175,11 @@ def test_lowrank_forward_matches_unfused_reference(train, rows):
     plan, _ = random_plan("l", 24, 40, 5, "lowrank", gen)
     layer = LowRankLinear.from_plan(plan, dtype=torch.float64).train(train)
     x = torch.randn(rows, 24, dtype=torch.float64, generator=gen)
-    names = ("down", "up", "z_down", "z_up", "bias")
-    ref_params = {n: getattr(layer, n).detach().clone().requires_grad_(True) for n in names}
+    names = ("down", "up", "z.down", "z.up", "bias")
+    ref_params = {n: layer.get_parameter(n).detach().clone().requires_grad_(True) for n in names}
 
     def reference(p):  # written out here, independent of LowRankLinear.forward
-        return F.linear(F.linear(x, p["down"]), p["up"], p["bias"]) + F.linear(F.linear(x, p["z_down"]), p["z_up"])
+        return F.linear(F.linear(x, p["down"]), p["up"], p["bias"]) + F.linear(F.linear(x, p["z.down"]), p["z.up"])
 
     y, expected = layer(x), reference(ref_params)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
@@ -186,10 +187,10 @@ def test_lowrank_forward_matches_unfused_reference(train, rows):
     (y * upstream).sum().backward()
     (expected * upstream).sum().backward()
     for n in names:
-        grad = getattr(layer, n).grad
+        grad = layer.get_parameter(n).grad
         assert grad is not None and grad.abs().sum() > 0, n
         torch.testing.assert_close(grad, ref_params[n].grad, rtol=1e-12, atol=1e-12)
-    assert set(layer.state_dict()) == {"down", "up", "z_down", "z_up", "bias"}  # keys unchanged
+    assert set(layer.state_dict()) == {"down", "up", "z.down", "z.up", "bias"}  # no fused copy stored
 
 
 def test_lowrank_fused_sees_in_place_updates():
@@ -200,7 +201,27 @@ def test_lowrank_fused_sees_in_place_updates():
     x = torch.randn(2, FUSE_MIN_ROWS, 24, dtype=torch.float64, generator=gen)
     with torch.no_grad():
         before = layer(x)
-        layer.z_up.add_(1.0)
-        torch.testing.assert_close(layer(x) - before, F.linear(F.linear(x, layer.z_down), torch.ones_like(layer.z_up)))
+        layer.z.up.add_(1.0)
+        torch.testing.assert_close(layer(x) - before, F.linear(F.linear(x, layer.z.down), torch.ones_like(layer.z.up)))
         layer.load_state_dict({k: v * 0 for k, v in layer.state_dict().items()})
         assert layer(x).abs().max() == 0
+
+
+def test_every_math_z_type_has_one_module():
+    """A Z type is a math class (fit, counts) plus one module (forward, storage): the two
+    registries name the same types, and each module's size and parameter count agree with
+    the math layer's for a fitted Z."""
+    from amrc_exp.compress.zmodules import Z_MODULES
+    from amrc_exp.math.compensate import Z_TYPES as MATH_Z_TYPES
+
+    assert set(Z_MODULES) | {"none"} == set(MATH_Z_TYPES)
+    gen = torch.Generator().manual_seed(4)
+    R = torch.randn(30, 18, dtype=torch.float64, generator=gen)
+    X = torch.randn(40, 30, dtype=torch.float64, generator=gen)
+    for kind, module in Z_MODULES.items():
+        zp = fit_closed_form(kind, R, X.T @ X, dtype=torch.float64)
+        z = module(30, 18, module.size_of(zp), dtype=torch.float64)
+        z.load(zp)
+        assert sum(p.numel() for p in z.parameters()) + sum(b.numel() for _, b, _ in z.index_buffers()) == zp.param_count
+        torch.testing.assert_close(z.dense().T, z_dense(kind, zp)[0])
+        torch.testing.assert_close(z(X), X @ z_dense(kind, zp)[0])

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from amrc_exp.experiment.config import register_schema
 from amrc_exp.errors import ConfigError, WeightsError
 from amrc_exp.models import build_model
-from amrc_exp.models.embedded import cache_paths, embedded_cache_fields, load_or_train
+from amrc_exp.models.train import cache_paths, embedded_cache_fields, load_or_train
 from amrc_exp.models.weights import load_file
 
 from amrc_exp import CONF_DIR
@@ -270,7 +270,7 @@ def test_stats_key_follows_the_trained_weights(monkeypatch):
     """Calibration statistics of the embedded model depend on its weights, so a recipe or
     registry change the config does not show must still change the stats cache key."""
     from amrc_exp.experiment import stats_cache as cache
-    from amrc_exp.models import embedded, registry
+    from amrc_exp.models import fmnist_vit as registry, train as embedded
 
     cfg, cfg_random = make_cfg(), make_cfg("model.weights=random")
     keys = lambda: (cache.stats_key(cfg, 64), cache.stats_key(cfg_random, 64))  # noqa: E731

@@ -50,7 +50,7 @@ def test_sensitivity_output(sweep_output):
     res = json.loads(path.read_text())
     assert res["status"] == "complete" and res["synthetic"] is True and res["decomp"] == "asvd_whiten"
     assert res["fractions"] == [0.5, 0.1]
-    from amrc_exp.models.registry import EMBEDDED_ARCHS
+    from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
     depth = EMBEDDED_ARCHS["fmnist_vit_small"]["depth"]
     assert sorted(res["blocks"], key=lambda b: int(b.split(".")[1])) == [f"blocks.{i}" for i in range(depth)]

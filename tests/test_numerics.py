@@ -99,7 +99,7 @@ def test_rank_one_everywhere_at_the_largest_removable_budget():
     with pytest.raises(ValueError, match="at most"):
         allocate_greedy(curves, specs, most + 1, "exp", 50, 80.0, 1)
     u, v = svd_spectrum(torch.randn(32, 96, dtype=torch.float64)).factors(1)
-    layer = LowRankLinear.from_plan(LayerPlan("l0", u, v))
+    layer = LowRankLinear.from_plan(LayerPlan.from_factors("l0", u, v))
     assert layer.rank == 1 and _finite(layer(torch.randn(4, 7, 32)))
 
 
@@ -175,7 +175,7 @@ def test_low_precision_lowrank_linear_with_ill_conditioned_factors(dtype, ztype)
     u, v = asvd_mean_spectrum(W, x).factors(50, torch.float64)
     H = x.T @ x
     z = fit_closed_form(ztype, residual(W, u, v), H, fraction=0.05)
-    layer = LowRankLinear.from_plan(LayerPlan.from_z("l", u.float(), v.float(), ztype, z.layer(0)), dtype=dtype)
+    layer = LowRankLinear.from_plan(LayerPlan.from_factors("l", u.float(), v.float(), z.layer(0)), dtype=dtype)
     with torch.no_grad():
         assert _finite(layer(x.to(dtype)))
 

@@ -18,7 +18,7 @@ import torch
 from amrc_exp.compress.calibrate import find_layers
 from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.math.allocate import LayerSpec, allocate_greedy
-from amrc_exp.math.compensate import Z_TYPES, z_param_count
+from amrc_exp.math.compensate import Z_TYPES, ZParams, z_param_count
 from amrc_exp.compress.ptq import model_size_mib, quantize_
 
 DEIT_B_PARAMS = 86_567_656  # timm deit_base_patch16_224, 1000 classes
@@ -50,8 +50,8 @@ def compressed(deit_b, ratio: float, random_factors: bool = False):
         if r is None:  # above break-even: stays dense
             continue
         q = Z_TYPES["lowrank"].size(s.n_in, s.n_out, 0.05)
-        plans[s.name] = LayerPlan(s.name, make(s.n_in, r), make(s.n_out, r), "lowrank",
-                                  G=make(s.n_in, q), Y=make(s.n_out, q))
+        z = ZParams("lowrank", s.n_in, s.n_out, {"G": make(s.n_in, q), "Y": make(s.n_out, q)})
+        plans[s.name] = LayerPlan.from_factors(s.name, make(s.n_in, r), make(s.n_out, r), z)
         removed += s.dense_params - s.params_at(r)
     out = compress_(copy.deepcopy(model), plans)
     return out, plans, removed, n_total

@@ -53,13 +53,13 @@ def test_model_tensors_quantized_and_others_untouched():
     before = copy.deepcopy(model.state_dict())
     names = set(quantized_weights(model))
     assert names == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
-                     "blocks.0.mlp.fc1.down", "blocks.0.mlp.fc1.up", "blocks.0.mlp.fc1.z_diag",
+                     "blocks.0.mlp.fc1.down", "blocks.0.mlp.fc1.up", "blocks.0.mlp.fc1.z.diag",
                      "blocks.0.mlp.fc2.weight", "head.weight"}
     quantize_(model, 4)
     after = model.state_dict()
     for k, v in after.items():
         if k in names:
-            if k.endswith("z_diag"):  # 1-D Z weight: one scale/zero for the whole vector
+            if k.endswith("z.diag"):  # 1-D Z weight: one scale/zero for the whole vector
                 ref = rtn_rows(before[k][None], 4)[0]
             else:  # conv (768×3×p×p) per output channel, matrices per row
                 ref = rtn_rows(before[k], 4)
@@ -73,7 +73,7 @@ def test_model_size_hand_count():
         "conv": nn.Conv2d(3, 4, 2),  # w 48 (4 ch), b 4
         "ln": nn.LayerNorm(4),  # 8
         "lin": nn.Linear(4, 6),  # w 24 (6 ch), b 6
-        # down 2×6, up 5×2, bias 5, z_values 3, z_crow 7 + z_cols 3 indices (2 bytes each)
+        # down 2×6, up 5×2, bias 5, z.values 3, z.crow 7 + z.cols 3 indices (2 bytes each)
         "lr": LowRankLinear(6, 5, 2, z_type="sparse_unstructured", z_size=3),
     })
     assert count_params(toy) == 48 + 4 + 8 + 24 + 6 + 12 + 10 + 5 + 3 + 10
@@ -91,5 +91,5 @@ def test_model_size_hand_count():
 
 def test_wide_index_counts_four_bytes():
     wide = LowRankLinear(70_000, 2, 1, bias=False, z_type="sparse_structured", z_size=3)
-    # down 70000, up 2, z_values 3×2; z_rows can address ≥ 65536 rows → int32
+    # down 70000, up 2, z.values 3×2; z.rows can address ≥ 65536 rows → int32
     assert model_size_mib(wide) * 2**20 == pytest.approx(2 * (70_000 + 2 + 6) + 4 * 3)

@@ -100,7 +100,7 @@ def compensate_layers(weights: dict[str, Tensor], layers: dict[str, nn.Linear],
             row.err_calib_after = _err(w, u, v, zd, stats.calib[name])
             row.z_params = zp.param_count
             bias = layer.bias.detach() if layer.bias is not None else None
-            plans[name] = LayerPlan.from_z(name, u.float(), v.float(), config.z_type.name, zp, bias=bias)
+            plans[name] = LayerPlan.from_factors(name, u.float(), v.float(), zp, bias=bias)
         rows.append(row)
     return plans, rows
 

@@ -13,10 +13,11 @@ stored, i.e. ``quantize_rtn(dim=-1)`` on a 2-D view):
   classifier head;
 * ``nn.Conv*d.weight`` (out × in × k…), viewed as (out, in·k…): per output channel — the
   patch embedding;
-* `LowRankLinear`: ``down`` = Uᵀ (r × in, per rank channel, the output of ``x U``),
-  ``up`` = V (out × r, per output channel), ``z_down``/``z_up`` (likewise for G, Y),
-  structured ``z_values`` (k × out, per stored row of Z). The 1-D Z weights — ``z_diag`` and
-  unstructured ``z_values`` — have no channel structure and use one scale/zero per tensor.
+* `LowRankLinear`: every parameter but the bias: ``down`` = Uᵀ (r × in, per rank channel,
+  the output of ``x U``), ``up`` = V (out × r, per output channel), ``z.down``/``z.up``
+  (likewise for G, Y), structured ``z.values`` (k × out, per stored row of Z). The 1-D Z
+  weights — ``z.diag`` and unstructured ``z.values`` — have no channel structure and use one
+  scale/zero per tensor.
 
 Everything else stays at fp16: biases, LayerNorm weights, cls/dist tokens, position
 embeddings, Swin's relative-position bias tables.
@@ -34,7 +35,6 @@ from amrc_exp.math.quant import fake_quantize, quantized_tensor_bytes
 
 __all__ = ["SizeBreakdown", "model_size_mib", "quantize_", "quantized_weights", "size_breakdown"]
 
-_LOWRANK_WEIGHTS = ("down", "up", "z_down", "z_up", "z_values", "z_diag")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MIB = 2**20
 
@@ -45,13 +45,12 @@ def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, LowRankLinear):
-            names = [n for n in _LOWRANK_WEIGHTS if isinstance(getattr(mod, n, None), nn.Parameter)]
+            params = [(n, p) for n, p in mod.named_parameters() if n != "bias"]
         elif isinstance(mod, (nn.Linear, *_CONV)):
-            names = ["weight"]
+            params = [("weight", mod.weight)]
         else:
             continue
-        for n in names:
-            p = getattr(mod, n)
+        for n, p in params:
             if p.numel():
                 out[prefix + n] = p
     return out

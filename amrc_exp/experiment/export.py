@@ -34,7 +34,7 @@ from amrc_exp.compress.lowrank import LowRankLinear, count_params
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "MANIFEST_FILE", "save_compressed", "load_compressed", "default_create_kwargs"]
 
-FORMAT = "amrc_exp.compressed/1"
+FORMAT = "amrc_exp.compressed/2"  # /2: Z as a submodule (z.down, z.up, ...)
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
 
@@ -128,7 +128,7 @@ def save_compressed(
     if not model_name:
         raise ValueError("save_compressed: model has no pretrained_cfg['architecture']; pass model_name")
     kwargs = dict(default_create_kwargs(model) if create_kwargs is None else create_kwargs)
-    layers = {n: m.spec() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    layers = {n: m.constructor_args() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     state = model.state_dict()
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = floats[0] if floats else torch.float32

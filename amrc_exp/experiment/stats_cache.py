@@ -31,8 +31,8 @@ STATS_VERSION = 2
 def stats_key_fields(cfg: RunConfig, chunk: int) -> dict[str, Any]:
     """The fields calibration statistics depend on (and nothing else); `chunk` is the number
     of samples per stored calibration chunk (the GD mini-batch, or the whole set)."""
-    from amrc_exp.models.embedded import embedded_cache_fields
-    from amrc_exp.models.registry import EMBEDDED_ARCHS
+    from amrc_exp.models.train import embedded_cache_fields
+    from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
     model = as_plain(cfg.model)
     model["registry_arch"] = EMBEDDED_ARCHS.get(str(cfg.model.name))  # not in the config; None for timm's

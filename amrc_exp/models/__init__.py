@@ -16,7 +16,7 @@ from torch import nn
 
 from amrc_exp.errors import ConfigError, WeightsError
 from amrc_exp.experiment.config import as_plain
-from amrc_exp.models import registry  # noqa: F401  (registers fmnist_vit* into timm)
+from amrc_exp.models import fmnist_vit  # noqa: F401  (registers fmnist_vit* into timm)
 from amrc_exp.models.weights import load_file, load_hub
 
 __all__ = ["build_model", "check_model_name", "create_kwargs", "create_model", "suggest_models", "WEIGHT_SOURCES"]
@@ -89,7 +89,7 @@ def _hub(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
 
 def _train(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     from amrc_exp.data import build_splits
-    from amrc_exp.models.embedded import load_or_train
+    from amrc_exp.models.train import load_or_train
 
     model = _seeded_model(cfg)  # the cached weights must be a function of the key (seed included)
     if splits is None:

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from amrc_exp.data import network_available
+from amrc_exp.io import network_available
 from amrc_exp.errors import WeightsError
 
 WEIGHTS_HINT = "set model.weights=/path/to/weights.safetensors (or model.weights=random for timing only)"

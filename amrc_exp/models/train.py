@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from amrc_exp.compress.evaluate import top1
 from amrc_exp.data import Splits, make_loader
 from amrc_exp.experiment.config import as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
-from amrc_exp.models.registry import EMBEDDED_ARCHS
+from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
 # Bump when the training recipe changes in a way that changes the weights: old caches retire.
 RECIPE_VERSION = 3
@@ -82,7 +82,9 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
             bar.write(f"epoch {epoch + 1}/{int(train_cfg.epochs)}: last loss {loss.item():.3f}, "
                       f"train top-1 {100.0 * correct / max(seen, 1):.2f}, {time.perf_counter() - start:.0f}s")
     train_seconds = time.perf_counter() - start
-    test_top1 = evaluate_top1(model, splits.val_full if splits.val_full is not None else splits.val)
+    test_set = splits.val_full if splits.val_full is not None else splits.val
+    test_top1 = top1(model, make_loader(test_set, EVAL_BATCH_SIZE, shuffle=False, seed=0),
+                     next(model.parameters()).device, desc="test")
     model.eval()
     return {
         "train_seconds": round(train_seconds, 2),
@@ -91,17 +93,6 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
         "epochs": int(train_cfg.epochs),
         "steps": total_steps,
     }
-
-
-@torch.no_grad()
-def evaluate_top1(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Top-1 accuracy (percent) of `model` on `dataset`, in eval mode."""
-    model.eval()
-    correct = total = 0
-    for images, labels in make_loader(dataset, batch_size, shuffle=False, seed=0):
-        correct += int((model(images).argmax(-1) == labels).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
 
 
 def embedded_cache_fields(cfg: DictConfig) -> dict[str, Any]:

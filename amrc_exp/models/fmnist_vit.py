@@ -7,7 +7,7 @@ al. 2021: same 7x7 token grid, much faster convergence) and average pooling of t
 instead of a cls token. Patch size 4 gives 7x7 = 49 tokens: the token count matters for the
 paper's `asvd_mean`, whose rank it caps. The transformer blocks, the only layers compressed,
 are timm's own. No pretrained weights exist: the framework trains them
-(`model.weights=train`, see `amrc_exp.models.embedded`).
+(`model.weights=train`, see `amrc_exp.models.train`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-FMNIST_MEAN = (0.2860,)
-FMNIST_STD = (0.3530,)
+from amrc_exp.data import FMNIST_MEAN, FMNIST_STD
+
 
 # Architecture of each embedded model: VisionTransformer kwargs plus `stem_width` (the conv
 # stem's hidden channels). JSON-able, since it is part of the trained-weights cache key.
@@ -67,8 +67,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "pool_size": None,
         "crop_pct": 1.0,
         "interpolation": "bilinear",
-        "mean": FMNIST_MEAN,
-        "std": FMNIST_STD,
+        "mean": (FMNIST_MEAN,),
+        "std": (FMNIST_STD,),
         "first_conv": "patch_embed.proj.0",
         "classifier": "head",
         "license": "same as amrc_exp",
