@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 
@@ -14,7 +15,8 @@ class ConfigError(AmrcError, ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config value {key}={value!r}: expected {allowed}")
+        shown = value.value if isinstance(value, Enum) else value  # a choice prints as typed
+        super().__init__(f"invalid config value {key}={shown!r}: expected {allowed}")
 
 
 class DataError(AmrcError):

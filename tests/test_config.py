@@ -67,9 +67,8 @@ def test_readme_overrides_compose(overrides):
     ("ratio=0", "ratio"), ("ratio=1", "ratio"), ("ratio=-0.2", "ratio"), ("ratio=1.5", "ratio"),
     ("calib.num_samples=-1", "calib.num_samples"), ("calib.num_samples=0", "calib.num_samples"),
     ("zfit.iters=0", "zfit.iters"), ("schedule.iters=-5", "schedule.iters"),
-    ("finetune.epochs=-1", "finetune.epochs"), ("zfit.solver=adam", "zfit.solver"),
-    ("device=tpu", "device"), ("logger.mode=sometimes", "logger.mode"),
-    ("ptq.bits=3000", "ptq.bits"), ("z_type.fraction=1.5", "z_type.fraction"),
+    ("finetune.epochs=-1", "finetune.epochs"),
+    ("ptq.bits=3000", "ptq.bits"), ("seed=-1", "seed"), ("seed=4294967296", "seed"), ("z_type.fraction=1.5", "z_type.fraction"),
     ("target_params=0", "target_params"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, key):
@@ -79,6 +78,36 @@ def test_bad_values_name_key_value_and_allowed(override, key):
     msg = str(err.value)
     assert err.value.key == key and key in msg and "expected" in msg
     assert override.split("=", 1)[1] in msg
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("zfit.solver=adam", "gd, closed_form"), ("device=tpu", "auto, cpu, cuda"),
+    ("logger.mode=sometimes", "offline, online, disabled"), ("decomp.name=svdd", "svd, asvd_mean, asvd_whiten"),
+    ("schedule.name=cosine", "exp, linear, oneshot, uniform"), ("data.name=cifar", "fashion_mnist, imagenet, synthetic"),
+])
+def test_bad_choice_fails_at_compose_naming_key_value_and_allowed(override, allowed):
+    """Choice fields are Enums built from the implementing registries: OmegaConf refuses a bad
+    value while composing, before any run code."""
+    with pytest.raises((ConfigCompositionException, HydraException)) as err:
+        compose_cfg([override, "out_dir=."])
+    key, value = override.split("=")
+    cause = str(err.value.__cause__)
+    assert value in cause and allowed in cause and key in cause
+
+
+def test_library_configs_take_plain_strings_and_check_them():
+    from amrc_exp.compress import AMRCConfig, DecompConfig, ZFitConfig
+
+    cfg = AMRCConfig(decomp=DecompConfig("asvd_whiten"), zfit=ZFitConfig(solver="closed_form"))
+    assert cfg.decomp.name == "asvd_whiten" and f"{cfg.zfit.solver}" == "closed_form"
+    with pytest.raises(ConfigError, match=r"zfit.solver='adam': expected one of gd, closed_form"):
+        ZFitConfig(solver="adam")
+
+
+def test_data_registry_matches_the_declared_choices():
+    from amrc_exp.data import DATASETS as SOURCES
+
+    assert set(SOURCES) == set(DATASETS)
 
 
 @pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5"])

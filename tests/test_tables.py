@@ -42,7 +42,7 @@ def write_run(root: Path, name: str, *, model="deit_b", method="ours", ratio=0.5
         "decomp": {"name": decomp}, "schedule": {"name": schedule}, "z_type": {"name": z, "fraction": 0.05},
         "zfit": {"solver": solver, "iters": 2000}, "calib": {"num_samples": 1024},
         "finetune": {"epochs": finetune}, "ptq": {"bits": ptq}, "ratio": ratio, "target_params": target, "seed": 0,
-        "compress": method != "dense",
+        "compress": method != "dense", "method": method if method in (*METHODS, "dense") else None,
     }
     res = {
         "status": status, "config": config, "synthetic": synthetic, "model": {"random_weights": synthetic},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Optional
 
 from amrc_exp.errors import ConfigError
@@ -23,7 +24,7 @@ from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 
 __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "ZConfig", "ZFitConfig",
-           "UNIFORM", "SOLVERS", "check"]
+           "Choice", "choices", "UNIFORM", "SOLVERS", "check"]
 
 # The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
 # naming. Anchored on ``blocks.<i>.`` so the classifier head, patch embedding and Swin's
@@ -36,6 +37,38 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
 UNIFORM = "uniform"  # the non-mixed baseline: one rank fraction for every layer (not a schedule)
 SCHEDULES_AND_UNIFORM = (*SCHEDULES, UNIFORM)
 SOLVERS = ("gd", "closed_form")
+
+
+class Choice(str, Enum):
+    """A config choice: a str (compares, hashes and serializes as its value) whose Enum type
+    lets OmegaConf reject a bad value at compose time, naming the key and the allowed values."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choices(name: str, values: tuple[str, ...] | list[str]) -> type[Choice]:
+    """A `Choice` Enum whose members are exactly `values` (read from the implementing registry)."""
+    return Choice(name, {v: v for v in values})  # type: ignore[return-value]
+
+
+DecompName = choices("DecompName", tuple(METHODS))
+ScheduleName = choices("ScheduleName", SCHEDULES_AND_UNIFORM)
+ZName = choices("ZName", tuple(Z_TYPES))
+Solver = choices("Solver", SOLVERS)
+
+
+def as_choice(kind: type[Choice], key: str, value: Any) -> Any:
+    """`value` as a member of `kind` (a notebook passes plain strings), else ConfigError."""
+    if isinstance(value, kind) or value == _UNSET:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(key, value, "one of " + ", ".join(m.value for m in kind)) from None
 _UNSET = "???"  # OmegaConf's MISSING: a schema node whose option the config group fills in
 
 
@@ -49,10 +82,6 @@ def check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None
         good = False
     if not good:
         raise ConfigError(key, value, allowed)
-
-
-def one_of(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
-    check(key, value, lambda v: v in allowed, "one of " + ", ".join(allowed))
 
 
 def positive_int(key: str, value: Any) -> None:
@@ -75,11 +104,11 @@ def non_negative_float(key: str, value: Any) -> None:
 class DecompConfig:
     """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum)."""
 
-    name: str = "asvd_mean"
+    name: DecompName = DecompName("asvd_mean")
     damp: float = 1.0e-4  # relative damping of H (asvd_whiten, closed-form Z): keeps singular H solvable
 
     def __post_init__(self) -> None:
-        one_of("decomp.name", self.name, tuple(METHODS))
+        self.name = as_choice(DecompName, "decomp.name", self.name)
         non_negative_float("decomp.damp", self.damp)
 
 
@@ -87,13 +116,13 @@ class DecompConfig:
 class ScheduleConfig:
     """Sec 3.2: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot` schedule, or `uniform`."""
 
-    name: str = "exp"
+    name: ScheduleName = ScheduleName("exp")
     iters: int = 500
     gamma: float = 80.0
     min_rank: int = 1
 
     def __post_init__(self) -> None:
-        one_of("schedule.name", self.name, SCHEDULES_AND_UNIFORM)
+        self.name = as_choice(ScheduleName, "schedule.name", self.name)
         positive_int("schedule.iters", self.iters)
         positive_float("schedule.gamma", self.gamma)
         positive_int("schedule.min_rank", self.min_rank)
@@ -103,11 +132,11 @@ class ScheduleConfig:
 class ZConfig:
     """Sec 3.3: the error-compensation type and its share of each layer's dense parameters."""
 
-    name: str = "lowrank"
+    name: ZName = ZName("lowrank")
     fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        one_of("z_type.name", self.name, tuple(Z_TYPES))
+        self.name = as_choice(ZName, "z_type.name", self.name)
         check("z_type.fraction", self.fraction, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
@@ -115,14 +144,14 @@ class ZConfig:
 class ZFitConfig:
     """How Z is fitted: `gd` (the paper's Adam on Eq 10, Sec 4.1 item 4) or `closed_form` (ours)."""
 
-    solver: str = "gd"
+    solver: Solver = Solver("gd")
     lr: float = 1.0e-3
     iters: int = 2000
     batch_size: int = 64  # GD mini-batch in samples (Sec 4.1 item 4); 0 = the full calibration set
     max_chunk_gib: float = 2.0  # memory cap of the per-mini-batch Grams; above it: full batch
 
     def __post_init__(self) -> None:
-        one_of("zfit.solver", self.solver, SOLVERS)
+        self.solver = as_choice(Solver, "zfit.solver", self.solver)
         positive_float("zfit.lr", self.lr)
         positive_int("zfit.iters", self.iters)
         non_negative_int("zfit.batch_size", self.batch_size)

@@ -22,19 +22,22 @@ from amrc_exp.compress.config import (
     ScheduleConfig,
     ZConfig,
     ZFitConfig,
+    as_choice,
     check,
+    choices,
     non_negative_float,
     non_negative_int,
-    one_of,
     positive_float,
     positive_int,
 )
 
-DATASETS = ("fashion_mnist", "imagenet", "synthetic")
+DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.data.DATASETS (tested)
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("paper", "ours", "svd_ft", "dense")  # the sweeps' labels (sweeps/method/*.yaml)
+DataName, LoggerName, LoggerMode, Device = (choices(n, v) for n, v in (
+    ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES)))
 
 
 def _optional_positive_int(key: str, value: Any) -> None:
@@ -74,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # fashion_mnist | imagenet | synthetic
+    name: DataName = MISSING  # fashion_mnist | imagenet | synthetic
     root: Optional[str] = None
     num_classes: int = 10
     synthetic: bool = False  # True: random tensors, results are marked and never fill a table
@@ -86,7 +89,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        one_of("data.name", self.name, DATASETS)
+        self.name = as_choice(DataName, "data.name", self.name)
         for key in ("num_classes", "num_train", "num_val"):
             positive_int(f"data.{key}", getattr(self, key))
         _optional_positive_int("data.finetune_subset", self.finetune_subset)
@@ -96,14 +99,14 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
-    mode: str = "offline"  # offline | online | disabled
+    name: LoggerName = LoggerName("wandb")
+    mode: LoggerMode = LoggerMode("offline")
     project: str = "amrc_exp"
     group: Optional[str] = None
 
     def __post_init__(self) -> None:
-        one_of("logger.name", self.name, LOGGERS)
-        one_of("logger.mode", self.mode, LOGGER_MODES)
+        self.name = as_choice(LoggerName, "logger.name", self.name)
+        self.mode = as_choice(LoggerMode, "logger.mode", self.mode)
 
 
 @dataclass
@@ -167,14 +170,14 @@ class RunConfig:
     compress: bool = True  # false: the dense model as loaded, evaluated (and PTQ'd): Tab 3/4 references
     target_params: Optional[int] = None  # absolute budget instead of ratio (Tab 3)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device("auto")
     amp: bool = True  # autocast on CUDA for forward passes (calibration, eval)
     cache_dir: str = "~/.cache/amrc_exp"
     out_dir: str = "."  # set to Hydra's run dir by conf/config.yaml
     method: Optional[str] = None  # the sweep's label (paper | ours | svd_ft | dense); set by sweeps/method/
 
     def __post_init__(self) -> None:
-        one_of("device", self.device, DEVICES)
+        self.device = as_choice(Device, "device", self.device)
         check("method", self.method, lambda v: v is None or v in METHODS, "null or one of " + ", ".join(METHODS))
         self.amrc()  # ratio, target_params, seed: checked where the method defines them
 

@@ -38,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device", name, "auto or cpu (no CUDA device is visible)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(str(name))
 
 
 def seed_everything(seed: int) -> None:

@@ -176,21 +176,16 @@ def _relative(job_dir: Path, roots: list[Path]) -> str:
 
 
 def method_of(config: dict[str, Any]) -> str:
-    """The method a run's config describes: dense, paper, ours, svd_ft, svd, or a generic label."""
-    decomp = config["decomp"]["name"]
-    schedule = config["schedule"]["name"]
-    z = config["z_type"]["name"]
-    solver = config["zfit"]["solver"]
+    """The run's `method` label (set by sweeps/method/*.yaml), "dense" for compress=false, or a
+    generic decomp/schedule/z_type/solver label for a run launched without one."""
     if is_dense_config(config):
         return "dense"
-    if decomp == "svd" and schedule == "uniform" and z == "none":
-        return "svd_ft" if config["finetune"]["epochs"] else "svd"
-    if schedule == "exp" and z == "lowrank":
-        if decomp == "asvd_mean" and solver == "gd":
-            return "paper"
-        if decomp == "asvd_whiten" and solver == "closed_form":
-            return "ours"
-    return f"{decomp}/{schedule}/{z}/{solver}"
+    if config.get("method") == "svd_ft" and not config["finetune"]["epochs"]:
+        return "svd"  # the same baseline, reported without its fine-tuning
+    if config.get("method"):
+        return config["method"]
+    return "/".join(str(config[k][f]) for k, f in (("decomp", "name"), ("schedule", "name"),
+                                                     ("z_type", "name"), ("zfit", "solver")))
 
 
 METHOD_LABELS = {
