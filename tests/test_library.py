@@ -105,3 +105,17 @@ def test_report_state_dict_round_trip_applies_identically(one_thread):
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     assert loaded.ranks == report.ranks and loaded.summary() == report.summary()
+
+
+def test_thread_env_is_honoured_after_torch_was_imported():
+    """The schema imports the library (so torch) before Hydra's `hydra.job.env_set` sets
+    OMP_NUM_THREADS for a sweep job: the run must still use that many threads (a different
+    count changes float32 sums, and so results, in the last digits)."""
+    code = ("import os, torch; import amrc_exp.experiment.config; n = torch.get_num_threads(); "
+            "os.environ['OMP_NUM_THREADS'] = str(n + 1); "
+            "from amrc_exp.experiment.env import apply_thread_env; apply_thread_env(); "
+            "print(n, torch.get_num_threads())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True)
+    before, after = map(int, out.stdout.split())
+    assert after == before + 1

@@ -33,6 +33,15 @@ class StageTimer:
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
+def apply_thread_env() -> None:
+    """Honour OMP_NUM_THREADS (e.g. a sweep's `hydra.job.env_set`) even when torch was imported
+    before Hydra set it: torch reads the variable only at import, and the config schema imports
+    the library, hence torch."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", name, "auto or cpu (no CUDA device is visible)")

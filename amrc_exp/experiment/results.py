@@ -8,8 +8,9 @@ the job) and `FAILED` (why it failed; never read as a result, so a rerun retries
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from amrc_exp.io import atomic_write_json, read_json
 
@@ -18,6 +19,51 @@ RESULTS = "results.json"
 FAILED = "failed.json"
 # Paths that say where things are, not what was computed: a moved job is still the same job.
 LOCATION_KEYS = ("out_dir", "cache_dir")
+SCHEMA = "amrc_exp.results/2"  # /2: typed RunResult; "method" in config; layers as LayerReport rows
+
+
+@dataclass
+class RunResult:
+    """`results.json`: one run's measurements, all taken by that run. Optional fields are
+    absent from the file (not null) when their stage did not run (e.g. no fine-tuning)."""
+
+    config: dict[str, Any]
+    device: str
+    status: str = "running"  # running | complete | failed (failed.json)
+    schema: str = SCHEMA
+    model: dict[str, Any] = field(default_factory=dict)  # weights source, params, training metrics
+    data: dict[str, Any] = field(default_factory=dict)  # split sizes
+    synthetic: bool = False  # random weights or data: never a paper number
+    params_before: Optional[int] = None
+    params_after: Optional[int] = None
+    params_target: Optional[int] = None
+    ratio_achieved: Optional[float] = None
+    size_mib_dense_fp16: Optional[float] = None
+    size_mib_compressed_fp16: Optional[float] = None
+    size_mib_ptq: Optional[float] = None
+    top1_baseline: Optional[float] = None
+    top1_compressed: Optional[float] = None
+    top1_finetuned: Optional[float] = None
+    top1_ptq: Optional[float] = None
+    top1: Optional[float] = None  # the last stage's top-1
+    calibration_cached: Optional[bool] = None
+    zfit_minibatches: Optional[int] = None
+    layers: Optional[list[dict[str, Any]]] = None  # one LayerReport row per compressible layer
+    table1: Optional[dict[str, float]] = None  # Z overhead and mean held-out errors (Tab 1)
+    energy_curves: Optional[dict[str, list[float]]] = None  # Fig 1
+    finetune: Optional[dict[str, Any]] = None  # trainable params, loss per epoch
+    throughput: Optional[dict[str, float]] = None  # compressed vs dense images/s, side by side
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    error: Optional[str] = None  # failed runs only
+
+    def final_top1(self) -> float:
+        for value in (self.top1_ptq, self.top1_finetuned, self.top1_compressed, self.top1_baseline):
+            if value is not None:
+                return value
+        raise ValueError("no top-1 measured")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -45,3 +91,10 @@ def finished_result(path: Path, config: dict[str, Any]) -> dict[str, Any] | None
 def write_failed(out_dir: Path, res: dict[str, Any], err: BaseException) -> None:
     """Record why a run failed, beside (never in place of) a result."""
     atomic_write_json(out_dir / FAILED, {**res, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+
+
+def write_result(out_dir: Path, res: RunResult) -> dict[str, Any]:
+    """Write the complete result (atomically); return it as the dict in the file."""
+    out = res.to_dict()
+    atomic_write_json(out_dir / RESULTS, out)
+    return out

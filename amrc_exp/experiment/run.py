@@ -20,10 +20,9 @@ from amrc_exp.compress.evaluate import median, throughput_side_by_side
 from amrc_exp.compress.plan import check_budget
 from amrc_exp.errors import AmrcError, ConfigError, WeightsError
 from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
-from amrc_exp.experiment.env import StageTimer, check_writable, resolve_device, seed_everything
-from amrc_exp.experiment.results import RESULTS, finished_result, write_failed
+from amrc_exp.experiment.env import StageTimer, apply_thread_env, check_writable, resolve_device, seed_everything
+from amrc_exp.experiment.results import RESULTS, RunResult, finished_result, write_failed, write_result
 from amrc_exp.experiment.tracking import Tracker, make_tracker
-from amrc_exp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +43,13 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         log.info("%s already holds a finished result for this config; skipping", out_dir)
         print_summary(previous)
         return previous
+    apply_thread_env()
     seed_everything(rc.seed)
     device = resolve_device(rc.device)
     amp = rc.amp and device.type == "cuda"
     timer = StageTimer()
     tracker = Tracker()  # the real one starts once data, weights and budget are known good
-    res: dict[str, Any] = {"status": "running", "config": config, "device": str(device)}
+    res = RunResult(config=config, device=str(device))
 
     try:
         with timer("data"):
@@ -62,39 +62,38 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         if rc.compress:  # before any expensive stage: a budget the model cannot meet fails in seconds
             check_budget(find_layers(model), n0, rc.amrc())
         tracker = make_tracker(rc.logger, str(out_dir), config, name=out_dir.name)
-        res["model"] = model_info
-        res["data"] = splits.describe()
-        res["synthetic"] = bool(splits.synthetic or model_info.get("random_weights"))
+        res.model, res.data = model_info, splits.describe()
+        res.synthetic = bool(splits.synthetic or model_info.get("random_weights"))
         val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
                                  num_workers=rc.data.num_workers)
-        res["params_before"] = n0
-        res["size_mib_dense_fp16"] = model_size_mib(model, bits=0)
+        res.params_before = n0
+        res.size_mib_dense_fp16 = model_size_mib(model, bits=0)
         with timer("eval_baseline"):
-            res["top1_baseline"] = top1(model, val_loader, device, amp, desc="eval baseline")
-        tracker.log({"top1/baseline": res["top1_baseline"], "params/before": n0})
+            res.top1_baseline = top1(model, val_loader, device, amp, desc="eval baseline")
+        tracker.log({"top1/baseline": res.top1_baseline, "params/before": n0})
 
         if rc.compress:
             report, cached = compress_stages(model, splits, rc, device, amp, timer)
             _record_compression(res, report, cached, count_params(model))
             _log_layers(tracker, report)
             with timer("eval_compressed"):
-                res["top1_compressed"] = top1(model, val_loader, device, amp, desc="eval compressed")
-            tracker.log({"top1/compressed": res["top1_compressed"], "params/after": res["params_after"]})
-            _finetune(model, splits, rc, device, amp, timer, res)
+                res.top1_compressed = top1(model, val_loader, device, amp, desc="eval compressed")
+            tracker.log({"top1/compressed": res.top1_compressed, "params/after": res.params_after})
+            res.finetune = _finetune(model, splits, rc, device, amp, timer)
             if rc.finetune.epochs:
                 with timer("eval_finetuned"):
-                    res["top1_finetuned"] = top1(model, val_loader, device, amp, desc="eval finetuned")
-                tracker.log({"top1/finetuned": res["top1_finetuned"]})
+                    res.top1_finetuned = top1(model, val_loader, device, amp, desc="eval finetuned")
+                tracker.log({"top1/finetuned": res.top1_finetuned})
         else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
-            res.update(params_after=n0, ratio_achieved=0.0, layers=[])
-        res["size_mib_compressed_fp16"] = model_size_mib(model, bits=0)
+            res.params_after, res.ratio_achieved, res.layers = n0, 0.0, []
+        res.size_mib_compressed_fp16 = model_size_mib(model, bits=0)
 
         if rc.ptq.bits:
             with timer("quantize"):
                 quantize_(model, rc.ptq.bits)
-                res["size_mib_ptq"] = model_size_mib(model, bits=rc.ptq.bits)
-                res["top1_ptq"] = top1(model, val_loader, device, amp, desc="eval ptq")
-            tracker.log({"top1/ptq": res["top1_ptq"]})
+                res.size_mib_ptq = model_size_mib(model, bits=rc.ptq.bits)
+                res.top1_ptq = top1(model, val_loader, device, amp, desc="eval ptq")
+            tracker.log({"top1/ptq": res.top1_ptq})
 
         with timer("export"):
             # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
@@ -102,17 +101,16 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             create_kwargs = {**default_create_kwargs(model), **config["model"]["kwargs"]}
             save_compressed(model, out_dir / "model", meta={"config": config},
                             model_name=rc.model.name, create_kwargs=create_kwargs)
-        res["top1"] = _final_top1(res)
-        res["throughput"] = _throughput_pair(rc, splits, model, device, amp, build_model)
-        res["seconds"] = timer.seconds
-        res["status"] = "complete"
-        tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
-        atomic_write_json(out_dir / RESULTS, res)
-        print_summary(res)
-        return res
+        res.top1 = res.final_top1()
+        res.throughput = _throughput_pair(rc, splits, model, device, amp, build_model)
+        res.seconds, res.status = timer.seconds, "complete"
+        out = write_result(out_dir, res)
+        tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float))})
+        print_summary(out)
+        return out
     except BaseException as err:
-        res["seconds"] = timer.seconds
-        write_failed(out_dir, res, err)  # never read as a finished result
+        res.seconds = timer.seconds
+        write_failed(out_dir, res.to_dict(), err)  # never read as a finished result
         raise
     finally:
         tracker.finish()
@@ -132,19 +130,15 @@ def compress_stages(model: torch.nn.Module, splits: Any, rc: RunConfig, device: 
     return report, cached
 
 
-def _record_compression(res: dict[str, Any], report: CompressionReport, cached: bool, params_after: int) -> None:
-    n0 = res["params_before"]
-    res["calibration_cached"] = cached
-    res["zfit_minibatches"] = report.n_minibatches
-    res["params_after"] = params_after
-    res["params_target"] = report.params_target
-    res["ratio_achieved"] = 1.0 - params_after / n0
-    res["layers"] = [r.to_dict() for r in report.layers]
-    res["table1"] = report.summary()
-    res["energy_curves"] = report.energy_curves
+def _record_compression(res: RunResult, report: CompressionReport, cached: bool, params_after: int) -> None:
+    res.calibration_cached, res.zfit_minibatches = cached, report.n_minibatches
+    res.params_after, res.params_target = params_after, report.params_target
+    res.ratio_achieved = 1.0 - params_after / report.params_before
+    res.layers = [r.to_dict() for r in report.layers]
+    res.table1, res.energy_curves = report.summary(), report.energy_curves
 
 
-def _finetune(model, splits, rc: RunConfig, device, amp, timer, res: dict[str, Any]) -> None:
+def _finetune(model, splits, rc: RunConfig, device, amp, timer) -> dict[str, Any]:
     """Partial fine-tune (Sec 4.1 item 5); a diverged loss names finetune.lr."""
     from amrc_exp.data import make_loader
 
@@ -152,20 +146,12 @@ def _finetune(model, splits, rc: RunConfig, device, amp, timer, res: dict[str, A
         ft_loader = make_loader(splits.train, rc.finetune.batch_size, shuffle=True,
                                 seed=rc.seed, num_workers=rc.data.num_workers)
         try:
-            res["finetune"] = partial_finetune(model, ft_loader, epochs=rc.finetune.epochs,
-                                               lr=rc.finetune.lr, weight_decay=rc.finetune.weight_decay,
-                                               device=device, amp=amp, seed=rc.seed)
+            return partial_finetune(model, ft_loader, epochs=rc.finetune.epochs, lr=rc.finetune.lr,
+                                    weight_decay=rc.finetune.weight_decay, device=device, amp=amp, seed=rc.seed)
         except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
             if isinstance(err, AmrcError):
                 raise
             raise ConfigError("finetune.lr", rc.finetune.lr, f"a smaller learning rate ({err})") from err
-
-
-def _final_top1(res: dict[str, Any]) -> float:
-    for key in ("top1_ptq", "top1_finetuned", "top1_compressed", "top1_baseline"):
-        if key in res:
-            return res[key]
-    raise KeyError("no top-1 measured")
 
 
 def _throughput_pair(rc: RunConfig, splits, model, device, amp, build_model) -> dict[str, float]:

@@ -138,7 +138,7 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     from amrc_exp.compress import find_layers, top1
     from amrc_exp.compress.plan import decompose_layers, layer_weights
     from amrc_exp.data import build_splits, make_loader
-    from amrc_exp.experiment.env import resolve_device, seed_everything
+    from amrc_exp.experiment.env import apply_thread_env, resolve_device, seed_everything
     from amrc_exp.experiment.stats_cache import calibration_stats
     from amrc_exp.models import build_model
 
@@ -149,6 +149,7 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     if previous is not None:
         log.info("%s already holds a finished sensitivity run for this config; skipping", out_dir)
         return previous
+    apply_thread_env()
     seed_everything(rc.seed)
     device = resolve_device(rc.device)
     amp = rc.amp and device.type == "cuda"

@@ -733,7 +733,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         counts = {name: _count_complete(sweep_dir, name) for name in (RESULTS, "sensitivity.json")}
-        log.info("sweep %s: %s; tables: python -m amrc_exp.report.tables %s, figures: notebooks/figures.ipynb",
+        log.info("sweep %s: %s; tables: python -m amrc_exp.report.tables %s, figures: python -m amrc_exp.report.figures",
                  sweep_dir, ", ".join(f"{n} complete {name}" for name, n in counts.items() if n) or "no complete job",
                  sweep_dir)
 
