@@ -410,16 +410,27 @@ def _maybe_subset(dataset: Dataset, size: Optional[int], key: str, seed: int) ->
 # ----------------------------------------------------------------------------- loaders
 
 
+def loader_options(data_cfg: Any, device: torch.device | str) -> dict[str, Any]:
+    """`make_loader` options that keep `device` fed: `data.num_workers` (null: 0 on the CPU, where
+    workers only compete with the compute for the cores; up to 8 on a GPU) and pinned host
+    memory on CUDA, so `non_blocking=True` copies really are asynchronous."""
+    cuda = torch.device(device).type == "cuda"
+    workers = data_cfg.num_workers
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 0
+    return {"num_workers": int(workers), "pin_memory": cuda}
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-    drop_last: bool = False,
+    drop_last: bool = False, pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order (and workers' RNG) depends only on `seed`."""
     generator = torch.Generator().manual_seed(int(seed))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
         num_workers=num_workers, drop_last=drop_last, worker_init_fn=_seed_worker,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
     )
 
 

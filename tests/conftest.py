@@ -15,6 +15,10 @@ from amrc_exp.experiment.config import register_schema
 
 CONF_DIR = str(amrc_exp.CONF_DIR)
 os.environ.setdefault("AMRC_OFFLINE", "1")  # tests never reach the network
+# `device: auto` would move every pipeline test onto a GPU where one is visible, and their
+# expected numbers are CPU fp32 ones: pinned here (subprocesses inherit it); the CUDA tests
+# ask for device=cuda explicitly and skip without one.
+os.environ.setdefault("AMRC_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_schema()

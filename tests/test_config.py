@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ValidationError
 
@@ -148,3 +149,28 @@ def test_cli_help_lists_groups_and_cfg_prints_config():
         assert f"{group}:" in help_out
     cfg_out = _cli("model=swin_b", "ratio=0.5", "--cfg", "job").stdout
     assert "swin_base_patch4_window7_224" in cfg_out and "ratio: 0.5" in cfg_out
+
+
+def test_tests_run_on_the_cpu_and_users_get_auto(monkeypatch):
+    """The suite pins AMRC_DEVICE=cpu (its expected numbers are CPU fp32); a user's run
+    composes `device: auto` (the GPU when one is visible)."""
+    assert compose_cfg(["out_dir=."]).device.value == "cpu"
+    monkeypatch.delenv("AMRC_DEVICE")
+    assert compose_cfg(["out_dir=."]).device.value == "auto"
+    monkeypatch.setenv("AMRC_DEVICE", "cuda")
+    assert compose_cfg(["out_dir=."]).device.value == "cuda"
+
+
+def test_device_defaults_for_loaders_and_memory_on_the_cpu():
+    """CPU defaults stay what the CPU numbers were measured with: no loader workers, no pinned
+    memory, 256 MiB of H per batched Z fit, 2 GiB of mini-batch Grams."""
+    from amrc_exp.compress.calibrate import chunk_budget_gib
+    from amrc_exp.compress.compensate import GROUP_H_BYTES, group_h_bytes
+    from amrc_exp.data import loader_options
+
+    cfg = validate(compose_cfg(["out_dir=."]))
+    assert cfg.data.num_workers is None
+    assert loader_options(cfg.data, "cpu") == {"num_workers": 0, "pin_memory": False}
+    assert loader_options(cfg.data, "cuda")["pin_memory"] is True
+    assert group_h_bytes(torch.device("cpu")) == GROUP_H_BYTES == 256 * 2**20
+    assert chunk_budget_gib(None, "cpu") == 2.0 and chunk_budget_gib(0.5, "cpu") == 0.5

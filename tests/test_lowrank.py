@@ -225,3 +225,23 @@ def test_every_math_z_type_has_one_module():
         assert sum(p.numel() for p in z.parameters()) + sum(b.numel() for _, b, _ in z.index_buffers()) == zp.param_count
         torch.testing.assert_close(z.dense().T, z_dense(kind, zp)[0])
         torch.testing.assert_close(z(X), X @ z_dense(kind, zp)[0])
+
+
+def test_sparse_unstructured_index_cache_follows_every_change():
+    """The COO indices are built once, not per forward; values updated in place (fine-tuning)
+    and a load_state_dict with other indices (a reload) must both show in the next forward."""
+    gen = torch.Generator().manual_seed(7)
+    plan, Z = random_plan("l", 20, 12, 3, "sparse_unstructured", gen)
+    layer = LowRankLinear.from_plan(plan, dtype=torch.float64)
+    other, Z2 = random_plan("l", 20, 12, 3, "sparse_unstructured", gen)
+    x = torch.randn(5, 20, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        base = F.linear(F.linear(x, layer.down), layer.up, layer.bias)
+        torch.testing.assert_close(layer(x) - base, x @ Z)
+        first = layer.z._coo()[0]
+        assert layer.z._coo()[0] is first  # cached
+        layer.z.values.mul_(2)
+        torch.testing.assert_close(layer(x) - base, x @ (2 * Z))
+        layer.load_state_dict(LowRankLinear.from_plan(other, dtype=torch.float64).state_dict())
+        base = F.linear(F.linear(x, layer.down), layer.up, layer.bias)
+        torch.testing.assert_close(layer(x) - base, x @ Z2)

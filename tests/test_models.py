@@ -282,3 +282,33 @@ def test_stats_key_follows_the_trained_weights(monkeypatch):
     monkeypatch.setitem(registry.EMBEDDED_ARCHS, "fmnist_vit", dict(registry.EMBEDDED_ARCHS["fmnist_vit"], stem_width=16))
     resized_trained, resized_random = keys()
     assert resized_trained != trained and resized_random != random_init
+
+
+def test_stats_key_separates_device_and_autocast():
+    """bf16 CUDA statistics must never be reused by a CPU fp32 run, or the other way round."""
+    from amrc_exp.experiment import stats_cache as cache
+
+    cfg = make_cfg()
+    keys = {cache.stats_key(cfg, 64, dev, amp) for dev, amp in (("cpu", False), ("cuda", False), ("cuda", True))}
+    assert len(keys) == 3
+    assert cache.stats_key(cfg, 64, "cpu", False) == cache.stats_key(make_cfg("device=cpu"), 64, "cpu", False)
+
+
+def test_embedded_weights_trained_on_a_gpu_are_keyed_apart():
+    """CPU keys are unchanged (existing caches stay valid); a GPU-trained checkpoint (other
+    kernels, other weights) never stands in for a CPU one."""
+    cfg = make_cfg()
+    assert embedded_cache_fields(cfg) == embedded_cache_fields(cfg, "cpu")
+    assert "device" not in embedded_cache_fields(cfg)
+    assert cache_paths(cfg, "cuda")[0] != cache_paths(cfg, "cpu")[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_embedded_model_trains_on_the_run_device(tmp_path):
+    from amrc_exp.data import build_splits
+    from amrc_exp.models import build_model
+
+    cfg = make_cfg("device=cuda", "model.train.epochs=1", f"cache_dir={tmp_path}")
+    model, info = build_model(cfg, build_splits(cfg))
+    assert next(model.parameters()).is_cuda and info["cached"] is False
+    assert cache_paths(cfg, "cuda")[0].exists()

@@ -46,6 +46,9 @@ def test_results_json_has_every_stage(first_run):
     fact = [r for r in res["layers"] if r["rank"] is not None]
     assert fact and all(r["err_after"] <= r["err_before"] + 1e-9 for r in fact)
     assert res["size_mib_ptq"] < res["size_mib_compressed_fp16"] < res["size_mib_dense_fp16"]
+    # The precision actually in force is recorded: on the CPU exact fp32 whatever `amp` says.
+    assert res["precision"] == {"tf32_matmul": False, "tf32_cudnn": False,
+                                "autocast": {"calibrate": False, "eval": False, "finetune": False}}
 
 
 def test_wandb_offline_files_written_in_run_dir(first_run):
@@ -85,6 +88,22 @@ def test_export_reloads_to_the_evaluated_model(first_run):
     loader = make_loader(build_splits(cfg).val, 128, shuffle=False, seed=cfg.seed)
     assert top1(model, loader, torch.device("cpu")) == pytest.approx(res["top1"], abs=1e-9)
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_agrees_with_cpu(tmp_path, monkeypatch):
+    """The same tiny run on CUDA (fp32: amp off, TF32 off) and on the CPU: identical ranks,
+    per-layer errors within float32 reduction-order noise."""
+    from tests.conftest import compose_cfg
+
+    res = {}
+    for device in ("cpu", "cuda"):
+        res[device] = run(compose_cfg(TINY + [f"cache_dir={tmp_path / device}", f"out_dir={tmp_path / device / 'out'}",
+                                              "logger=none", f"device={device}", "amp=false", "finetune.epochs=0"]))
+    assert res["cuda"]["device"].startswith("cuda")
+    assert [r["rank"] for r in res["cuda"]["layers"]] == [r["rank"] for r in res["cpu"]["layers"]]
+    for a, b in zip(res["cpu"]["layers"], res["cuda"]["layers"]):
+        assert b["err_before"] == pytest.approx(a["err_before"], rel=1e-3, abs=1e-9)
+        assert b["err_after"] == pytest.approx(a["err_after"], rel=2e-2, abs=1e-9)
 
 
 @pytest.mark.parametrize("mode,group", [("MULTIRUN", "my_sweep"), ("RUN", None)])

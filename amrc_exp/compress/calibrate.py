@@ -120,7 +120,9 @@ class _Accumulator:
         self.H: torch.Tensor | None = None
         self.x_sum: torch.Tensor | None = None
         self.n_samples = 0
-        self.n_skipped = 0
+        self.skipped: torch.Tensor | int = 0
+        self.bad_input: torch.Tensor | None = None
+        self.bad_output: torch.Tensor | None = None
         self.n_tokens: int | None = None
         self.batch_size = 0  # set by collect_stats before every forward
 
@@ -141,15 +143,11 @@ class _Accumulator:
                 y = y - module.bias.float()
             x_sum = x.sum(dim=0)  # (T, C) float32
             energy = _energy(y)  # ||X_i W||_F² per image, (B,) float64
-            # A NaN/Inf anywhere reaches these sums: the full element-wise check (3 passes over
-            # each tensor) only runs when a sum is not finite, which is cheap on the normal path.
-            for what, t, total in (("input", x, x_sum), ("output", y, energy)):
-                if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteActivationError(
-                        f"non-finite activations (NaN/Inf) in the {what} of layer {self.name!r} "
-                        f"during calibration; check model.weights (a corrupt or diverged checkpoint), "
-                        f"or set amp=false if a bf16/fp16 forward overflows"
-                    )
+            # A NaN/Inf anywhere reaches these sums. The flags stay on the device and are read
+            # once per pass (`check_finite`), not once per layer and batch (a GPU sync each).
+            bad_in, bad_out = ~torch.isfinite(x_sum).all(), ~torch.isfinite(energy).all()
+            self.bad_input = bad_in if self.bad_input is None else self.bad_input | bad_in
+            self.bad_output = bad_out if self.bad_output is None else self.bad_output | bad_out
             keep = energy > 0
             # 1/sqrt(energy) on both factors of the Gram == 1/energy on X_iᵀX_i (Eq 5).
             scale = torch.where(keep, energy.clamp_min(1e-300).rsqrt(), 0.0).float()
@@ -167,7 +165,17 @@ class _Accumulator:
         self.H += gram.double()
         self.x_sum += x_sum.double()
         self.n_samples += B
-        self.n_skipped += int((~keep).sum())
+        self.skipped = self.skipped + (~keep).sum()  # a device counter: read once, in result()
+
+    def check_finite(self) -> None:
+        """NonFiniteActivationError if a NaN/Inf reached this layer's input or output sums."""
+        for what, flag in (("input", self.bad_input), ("output", self.bad_output)):
+            if flag is not None and bool(flag):
+                raise NonFiniteActivationError(
+                    f"non-finite activations (NaN/Inf) in the {what} of layer {self.name!r} "
+                    f"during calibration; check model.weights (a corrupt or diverged checkpoint), "
+                    f"or set amp=false if a bf16/fp16 forward overflows"
+                )
 
     def result(self) -> LayerStats:
         if self.H is None:
@@ -177,7 +185,7 @@ class _Accumulator:
             x_rep=self.x_sum / self.n_samples,
             n_samples=self.n_samples,
             n_tokens=int(self.n_tokens),
-            n_skipped=self.n_skipped,
+            n_skipped=int(self.skipped),
         )
 
 
@@ -270,6 +278,8 @@ def collect_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
+    for acc in accs.values():  # forward order: the first layer a NaN/Inf reached is named
+        acc.check_finite()
     if seen == 0:
         raise ValueError("calibration loader produced no images")
     if seen < num_samples:
@@ -322,16 +332,32 @@ def merge_stats(parts: list[dict[str, LayerStats]]) -> dict[str, LayerStats]:
     return merged
 
 
-def gd_chunk_size(zfit_batch_size: int, max_chunk_gib: float, layers: dict[str, nn.Linear], n_calib: int) -> int:
+# Per-mini-batch Grams on the CPU: 2 GiB (DeiT-B's 16 chunks, ~17 GiB, fall back to the full
+# batch); on a GPU a quarter of its free memory (an H200 holds DeiT-B's).
+CPU_CHUNK_GIB = 2.0
+
+
+def chunk_budget_gib(max_chunk_gib: float | None, device: torch.device | str | None) -> float:
+    """`zfit.max_chunk_gib`, or (null) the device's default."""
+    if max_chunk_gib is not None:
+        return max_chunk_gib
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 4 / 2**30
+    return CPU_CHUNK_GIB
+
+
+def gd_chunk_size(zfit_batch_size: int, max_chunk_gib: float | None, layers: dict[str, nn.Linear], n_calib: int,
+                  device: torch.device | str | None = None) -> int:
     """Samples per GD mini-batch Gram; the whole set when mini-batches are off or too large.
 
     One Gram per chunk costs Σ in² float64 per chunk: 16 chunks of DeiT-B are ~17 GiB, so above
-    `max_chunk_gib` the GD falls back to the full-set gradient (recorded in the report)."""
+    `chunk_budget_gib` the GD falls back to the full-set gradient (recorded in the report)."""
     if zfit_batch_size <= 0 or zfit_batch_size >= n_calib:
         return n_calib
     n_chunks = -(-n_calib // zfit_batch_size)
     gib = n_chunks * sum(l.in_features ** 2 for l in layers.values()) * 8 / 2 ** 30
-    return zfit_batch_size if gib <= max_chunk_gib else n_calib
+    return zfit_batch_size if gib <= chunk_budget_gib(max_chunk_gib, device) else n_calib
 
 
 class _Rebatch:

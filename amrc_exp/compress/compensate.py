@@ -16,12 +16,22 @@ from amrc_exp.compress.lowrank import LayerPlan
 from amrc_exp.math.compensate import ZParams, fit_closed_form, fit_gd, residual, residual_error, z_dense
 from amrc_exp.math.decompose import Spectrum
 
-__all__ = ["GROUP_H_BYTES", "LayerReport", "compensate_layers", "residual_summary", "split_group"]
+__all__ = ["GROUP_H_BYTES", "LayerReport", "compensate_layers", "group_h_bytes", "residual_summary", "split_group"]
 
-# Same-shape layers are fitted together, at most this many float64 H bytes per batch: the fit
-# holds ~2.5 such copies (stacked, symmetrized, float32), so DeiT-B's 3072-wide fc2 Grams go 3
-# at a time instead of 12 (measured peak RSS of the GD run: 6.8 GiB with whole groups).
+# Same-shape layers are fitted together, at most this many float64 H bytes per batch on the CPU:
+# the fit holds ~2.5 such copies (stacked, symmetrized, float32), so DeiT-B's 3072-wide fc2
+# Grams go 3 at a time instead of 12 (measured peak RSS of the GD run: 6.8 GiB with whole groups).
 GROUP_H_BYTES = 256 * 2**20
+
+
+def group_h_bytes(device: torch.device) -> int:
+    """H bytes per batched fit: `GROUP_H_BYTES` on the CPU (RAM is shared with everything else);
+    on a GPU a tenth of its free memory (the fit's ~2.5 copies then stay under a quarter), so
+    same-shape layers are fitted in one launch-bound loop instead of several."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(GROUP_H_BYTES, free // 10)
+    return GROUP_H_BYTES
 
 
 @dataclass
@@ -45,12 +55,13 @@ class LayerReport:
         return asdict(self)
 
 
-def split_group(names: list[str], weights: dict[str, Tensor], n_chunks: int = 0) -> list[list[str]]:
+def split_group(names: list[str], weights: dict[str, Tensor], n_chunks: int = 0,
+                budget: int = GROUP_H_BYTES) -> list[list[str]]:
     """`names` (one shape) in consecutive parts whose stacked H (the full one plus `n_chunks`
-    mini-batch Grams per layer) stays within GROUP_H_BYTES. Layers fit independently (batched
+    mini-batch Grams per layer) stays within `budget` bytes. Layers fit independently (batched
     fits equal one-by-one fits), so the split changes no result."""
     n_in = weights[names[0]].shape[0]  # paper layout: W is in x out
-    per = max(1, GROUP_H_BYTES // (8 * n_in * n_in * (1 + n_chunks)))
+    per = max(1, budget // (8 * n_in * n_in * (1 + n_chunks)))
     return [names[i: i + per] for i in range(0, len(names), per)]
 
 
@@ -81,8 +92,9 @@ def compensate_layers(weights: dict[str, Tensor], layers: dict[str, nn.Linear],
     for name in factors:
         groups[tuple(weights[name].shape)].append(name)
     zfits: dict[str, ZParams] = {}
+    budget = group_h_bytes(next(iter(weights.values())).device) if weights else GROUP_H_BYTES
     for names in groups.values():
-        for part in split_group(names, weights, len(stats.chunks)):
+        for part in split_group(names, weights, len(stats.chunks), budget):
             zp = _fit_group(part, weights, factors, stats, config)
             zfits.update({name: zp.layer(i) for i, name in enumerate(part)})
 

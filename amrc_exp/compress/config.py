@@ -148,14 +148,15 @@ class ZFitConfig:
     lr: float = 1.0e-3
     iters: int = 2000
     batch_size: int = 64  # GD mini-batch in samples (Sec 4.1 item 4); 0 = the full calibration set
-    max_chunk_gib: float = 2.0  # memory cap of the per-mini-batch Grams; above it: full batch
+    max_chunk_gib: Optional[float] = None  # cap of the per-mini-batch Grams (above: full batch); null: by device
 
     def __post_init__(self) -> None:
         self.solver = as_choice(Solver, "zfit.solver", self.solver)
         positive_float("zfit.lr", self.lr)
         positive_int("zfit.iters", self.iters)
         non_negative_int("zfit.batch_size", self.batch_size)
-        positive_float("zfit.max_chunk_gib", self.max_chunk_gib)
+        check("zfit.max_chunk_gib", self.max_chunk_gib, lambda v: v is None or 0 < v < math.inf,
+              "null (by device) or a finite number > 0")
 
 
 @dataclass

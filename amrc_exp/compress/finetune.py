@@ -20,6 +20,15 @@ TRAINABLE = re.compile(r"(^|\.)(norm\d*|ln\w*)\.|\.bias$|^bias$|^head\.|^head$|^
                        r"^cls_token$|^pos_embed$|^dist_token$|^reg_token$")
 
 
+CHECK_EVERY = 50  # fine-tune steps between reads of the loss (each read is a host-device sync)
+
+
+def _check_finite(running: torch.Tensor, loss: torch.Tensor | None) -> None:
+    if not bool(torch.isfinite(running)):
+        last = loss.item() if loss is not None else float("nan")
+        raise FloatingPointError(f"fine-tuning loss became {last}; lower finetune.lr")
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     """Names of the parameters partial fine-tuning updates."""
     return [n for n, _ in model.named_parameters() if TRAINABLE.search(n)]
@@ -46,21 +55,24 @@ def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight
     model.train()
     bar = tqdm(total=total, desc="finetune", leave=False, dynamic_ncols=True)
     for _ in range(epochs):
-        running, steps = 0.0, 0
+        # The loss is summed on the device and read every CHECK_EVERY steps and at the end of
+        # the epoch (one host sync each), not once per step; a non-finite sum stops the run.
+        running, steps = torch.zeros((), dtype=torch.float64, device=device), 0
         for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast_for(device, amp):
                 loss = loss_fn(model(images), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss became {loss.item()}; lower finetune.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running, steps = running + loss.item(), steps + 1
+            running, steps = running + loss.detach().double(), steps + 1
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(running / max(steps, 1))
+            if steps % CHECK_EVERY == 0 or steps == len(loader):
+                _check_finite(running, loss)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        _check_finite(running, loss if steps else None)
+        history.append(float(running) / max(steps, 1))
     bar.close()
     model.eval()
     for p in model.parameters():

@@ -104,7 +104,8 @@ def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader
     check_budget(layers, count_params(model), config)  # seconds, before the calibration pass
     with stage("calibrate"):
         n_calib = num_samples if num_samples is not None else len(calib_loader.dataset)  # type: ignore[attr-defined]
-        chunk = gd_chunk_size(config.zfit.batch_size, config.zfit.max_chunk_gib, layers, n_calib)
+        chunk = gd_chunk_size(config.zfit.batch_size, config.zfit.max_chunk_gib, layers, n_calib,
+                              device or next(model.parameters()).device)
         stats = calibrate(model, calib_loader, heldout_loader, num_samples=n_calib,
                           heldout_samples=heldout_samples, chunk_size=chunk, layers=layers,
                           device=device, amp=amp)

@@ -192,11 +192,25 @@ class SparseUnstructuredZ(ZModule):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        indices, order = self._coo()
         # Zᵀ (out × in) @ Xᵀ (in × M) -> (out × M): sparse on the left, as torch.sparse.mm wants.
-        zt = torch.sparse_coo_tensor(torch.stack([self.cols.long(), self._rows()]), self.values.to(compute),
-                                     (self.out_features, self.in_features), check_invariants=False)
+        zt = torch.sparse_coo_tensor(indices, self.values[order].to(compute), (self.out_features, self.in_features),
+                                     is_coalesced=True, check_invariants=False)
         out = torch.sparse.mm(zt, x2.to(compute).T).T
         return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _coo(self) -> tuple[Tensor, Tensor]:
+        """Zᵀ's COO indices, sorted (coalesced), and the order that sorts `values` into them.
+
+        Built once per index state, not per forward (the CSR expansion is a host sync and the
+        sort a coalesce); rebuilt only when the index buffers change (load, load_state_dict, .to)."""
+        key = (self.crow.data_ptr(), self.cols.data_ptr(), self.crow._version, self.cols._version, self.crow.device)
+        if getattr(self, "_coo_key", None) != key:
+            rows, cols = self._rows(), self.cols.long()
+            order = torch.argsort(cols * self.in_features + rows)  # row-major in Zᵀ (out × in)
+            self._coo_cache = (torch.stack([cols[order], rows[order]]), order)
+            self._coo_key = key
+        return self._coo_cache
 
     def dense(self) -> Tensor:
         z = self.values.new_zeros(self.out_features, self.in_features)

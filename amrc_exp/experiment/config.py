@@ -86,7 +86,7 @@ class DataConfig:
     augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
     finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
     eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # null: by device (0 on the CPU, up to 8 on a GPU; data.loader_options)
 
     def __post_init__(self) -> None:
         self.name = as_choice(DataName, "data.name", self.name)
@@ -94,7 +94,8 @@ class DataConfig:
             positive_int(f"data.{key}", getattr(self, key))
         _optional_positive_int("data.finetune_subset", self.finetune_subset)
         _optional_positive_int("data.eval_subset", self.eval_subset)
-        non_negative_int("data.num_workers", self.num_workers)
+        check("data.num_workers", self.num_workers, lambda v: v is None or (isinstance(v, int) and v >= 0),
+              "null (by device) or an integer >= 0")
 
 
 @dataclass
@@ -144,6 +145,17 @@ class PTQConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """CUDA numerics per stage (CPU runs are always exact fp32). bf16 autocast applies only
+    while the root `amp` is true; the calibration Grams are accumulated in fp32/fp64 either way."""
+
+    tf32: bool = False  # TF32 in cuBLAS matmuls and cuDNN convolutions: faster, ~1e-3 relative error
+    calibrate: bool = True  # bf16 autocast of the calibration forward
+    eval: bool = True  # ... of every evaluation and the throughput measurement
+    finetune: bool = True  # ... of the partial fine-tune
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
 
@@ -164,6 +176,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ptq: PTQConfig = field(default_factory=PTQConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     # Fraction of the WHOLE model's parameters removed (Tab 2). A root float, not a group:
     # Hydra rejects float group overrides, and `ratio=0.5` must work as typed.
     ratio: float = 0.5
@@ -171,7 +184,7 @@ class RunConfig:
     target_params: Optional[int] = None  # absolute budget instead of ratio (Tab 3)
     seed: int = 0
     device: Device = Device("auto")
-    amp: bool = True  # autocast on CUDA for forward passes (calibration, eval)
+    amp: bool = True  # bf16 autocast on CUDA, for the stages precision.* enables; false: fp32 everywhere
     cache_dir: str = "~/.cache/amrc_exp"
     out_dir: str = "."  # set to Hydra's run dir by conf/config.yaml
     method: Optional[str] = None  # the sweep's label (paper | ours | svd_ft | dense); set by sweeps/method/
@@ -180,6 +193,12 @@ class RunConfig:
         self.device = as_choice(Device, "device", self.device)
         check("method", self.method, lambda v: v is None or v in METHODS, "null or one of " + ", ".join(METHODS))
         self.amrc()  # ratio, target_params, seed: checked where the method defines them
+
+    def autocast(self, device_type: str) -> dict[str, bool]:
+        """Effective bf16 autocast per stage on `device_type` (never on the CPU)."""
+        on = self.amp and device_type == "cuda"
+        p = self.precision
+        return {"calibrate": on and p.calibrate, "eval": on and p.eval, "finetune": on and p.finetune}
 
     def amrc(self) -> AMRCConfig:
         """The library's config of this run's compression."""

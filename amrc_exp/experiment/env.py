@@ -42,6 +42,16 @@ def apply_thread_env() -> None:
         torch.set_num_threads(int(threads))
 
 
+def apply_precision(device: torch.device, tf32: bool) -> dict[str, bool]:
+    """Set TF32 for cuBLAS and cuDNN on CUDA (both off unless asked: cuDNN's default is on,
+    which alone puts ~1e-3 relative error in the patch embedding); return what is in force."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return {"tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": device.type == "cuda" and torch.backends.cudnn.allow_tf32}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", name, "auto or cpu (no CUDA device is visible)")

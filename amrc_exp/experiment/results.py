@@ -53,6 +53,7 @@ class RunResult:
     energy_curves: Optional[dict[str, list[float]]] = None  # Fig 1
     finetune: Optional[dict[str, Any]] = None  # trainable params, loss per epoch
     throughput: Optional[dict[str, float]] = None  # compressed vs dense images/s, side by side
+    precision: dict[str, Any] = field(default_factory=dict)  # TF32 and bf16 autocast per stage, as run
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     error: Optional[str] = None  # failed runs only
 

@@ -20,7 +20,8 @@ from amrc_exp.compress.evaluate import median, throughput_side_by_side
 from amrc_exp.compress.plan import check_budget
 from amrc_exp.errors import AmrcError, ConfigError, WeightsError
 from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
-from amrc_exp.experiment.env import StageTimer, apply_thread_env, check_writable, resolve_device, seed_everything
+from amrc_exp.experiment.env import (StageTimer, apply_precision, apply_thread_env, check_writable, resolve_device,
+                                     seed_everything)
 from amrc_exp.experiment.results import RESULTS, RunResult, finished_result, write_failed, write_result
 from amrc_exp.experiment.tracking import Tracker, make_tracker
 
@@ -33,7 +34,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     out_dir = Path(rc.out_dir)
     check_writable(out_dir)
     check_writable(Path(rc.cache_dir).expanduser(), "cache_dir")
-    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.data import build_splits, loader_options, make_loader
     from amrc_exp.experiment.export import default_create_kwargs, save_compressed
     from amrc_exp.models import build_model
 
@@ -46,10 +47,12 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     apply_thread_env()
     seed_everything(rc.seed)
     device = resolve_device(rc.device)
-    amp = rc.amp and device.type == "cuda"
+    autocast = rc.autocast(device.type)
+    amp = autocast["eval"]  # evaluations and throughput
     timer = StageTimer()
     tracker = Tracker()  # the real one starts once data, weights and budget are known good
     res = RunResult(config=config, device=str(device))
+    res.precision = {**apply_precision(device, rc.precision.tf32), "autocast": autocast}
 
     try:
         with timer("data"):
@@ -65,7 +68,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         res.model, res.data = model_info, splits.describe()
         res.synthetic = bool(splits.synthetic or model_info.get("random_weights"))
         val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
-                                 num_workers=rc.data.num_workers)
+                                 **loader_options(rc.data, device))
         res.params_before = n0
         res.size_mib_dense_fp16 = model_size_mib(model, bits=0)
         with timer("eval_baseline"):
@@ -73,13 +76,13 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         tracker.log({"top1/baseline": res.top1_baseline, "params/before": n0})
 
         if rc.compress:
-            report, cached = compress_stages(model, splits, rc, device, amp, timer)
+            report, cached = compress_stages(model, splits, rc, device, autocast["calibrate"], timer)
             _record_compression(res, report, cached, count_params(model))
             _log_layers(tracker, report)
             with timer("eval_compressed"):
                 res.top1_compressed = top1(model, val_loader, device, amp, desc="eval compressed")
             tracker.log({"top1/compressed": res.top1_compressed, "params/after": res.params_after})
-            res.finetune = _finetune(model, splits, rc, device, amp, timer)
+            res.finetune = _finetune(model, splits, rc, device, autocast["finetune"], timer)
             if rc.finetune.epochs:
                 with timer("eval_finetuned"):
                     res.top1_finetuned = top1(model, val_loader, device, amp, desc="eval finetuned")
@@ -140,11 +143,11 @@ def _record_compression(res: RunResult, report: CompressionReport, cached: bool,
 
 def _finetune(model, splits, rc: RunConfig, device, amp, timer) -> dict[str, Any]:
     """Partial fine-tune (Sec 4.1 item 5); a diverged loss names finetune.lr."""
-    from amrc_exp.data import make_loader
+    from amrc_exp.data import loader_options, make_loader
 
     with timer("finetune"):
         ft_loader = make_loader(splits.train, rc.finetune.batch_size, shuffle=True,
-                                seed=rc.seed, num_workers=rc.data.num_workers)
+                                seed=rc.seed, **loader_options(rc.data, device))
         try:
             return partial_finetune(model, ft_loader, epochs=rc.finetune.epochs, lr=rc.finetune.lr,
                                     weight_decay=rc.finetune.weight_decay, device=device, amp=amp, seed=rc.seed)

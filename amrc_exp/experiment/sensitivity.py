@@ -137,8 +137,8 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     fractions, kinds = [float(f) for f in rc.sensitivity.fractions], list(rc.sensitivity.groups)
     from amrc_exp.compress import find_layers, top1
     from amrc_exp.compress.plan import decompose_layers, layer_weights
-    from amrc_exp.data import build_splits, make_loader
-    from amrc_exp.experiment.env import apply_thread_env, resolve_device, seed_everything
+    from amrc_exp.data import build_splits, loader_options, make_loader
+    from amrc_exp.experiment.env import apply_precision, apply_thread_env, resolve_device, seed_everything
     from amrc_exp.experiment.stats_cache import calibration_stats
     from amrc_exp.models import build_model
 
@@ -152,19 +152,21 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     apply_thread_env()
     seed_everything(rc.seed)
     device = resolve_device(rc.device)
-    amp = rc.amp and device.type == "cuda"
+    apply_precision(device, rc.precision.tf32)
+    autocast = rc.autocast(device.type)
+    amp = autocast["eval"]
     start = time.perf_counter()
     splits = build_splits(rc)
     model, model_info = build_model(rc, splits)
     model.to(device).eval()
     val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
-                             num_workers=rc.data.num_workers)
+                             **loader_options(rc.data, device))
 
     def evaluate() -> float:
         return top1(model, val_loader, device, amp, desc="eval")
 
     baseline = evaluate()
-    stats, cached = calibration_stats(model, splits, rc, device, amp)
+    stats, cached = calibration_stats(model, splits, rc, device, autocast["calibrate"])
     layers = find_layers(model)
     spectra = decompose_layers(layer_weights(layers), stats.calib, rc.decomp)
     res: dict[str, Any] = {

@@ -28,9 +28,11 @@ FORMAT = 1
 STATS_VERSION = 2
 
 
-def stats_key_fields(cfg: RunConfig, chunk: int) -> dict[str, Any]:
+def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False) -> dict[str, Any]:
     """The fields calibration statistics depend on (and nothing else); `chunk` is the number
-    of samples per stored calibration chunk (the GD mini-batch, or the whole set)."""
+    of samples per stored calibration chunk (the GD mini-batch, or the whole set). The device
+    type and the effective bf16 autocast are part of it: a CUDA bf16 forward gives other
+    statistics than a CPU fp32 one, and neither may stand in for the other."""
     from amrc_exp.models.train import embedded_cache_fields
     from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
@@ -39,10 +41,11 @@ def stats_key_fields(cfg: RunConfig, chunk: int) -> dict[str, Any]:
     if model.get("weights") != "train":
         model.pop("train", None)  # training recipe only matters for the embedded model
     else:  # trained by us: the statistics depend on whatever the trained weights depend on
-        model["trained_weights"] = cache_key(embedded_cache_fields(cfg))  # recipe version included
+        model["trained_weights"] = cache_key(embedded_cache_fields(cfg, device))  # recipe version included
     data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
-    return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib, "seed": cfg.seed, "chunk": chunk}
+    return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib,
+            "seed": cfg.seed, "chunk": chunk, "device": device, "amp": bool(amp)}
 
 
 def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
@@ -108,20 +111,20 @@ def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
                 raise ValueError(f"non-finite statistics for {layer}")
 
 
-def stats_key(cfg: RunConfig, chunk: int) -> str:
-    return cache_key(stats_key_fields(cfg, chunk))
+def stats_key(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False) -> str:
+    return cache_key(stats_key_fields(cfg, chunk, device, amp))
 
 
 def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: torch.device,
                       amp: bool) -> tuple[CalibStats, bool]:
     """`calibrate` on the run's calibration and held-out splits (in GD mini-batch chunks),
     or the cached statistics of an earlier run with the same key. Returns (stats on `device`, hit)."""
-    from amrc_exp.data import make_loader
+    from amrc_exp.data import loader_options, make_loader
 
     layers = find_layers(model)
     n_calib = len(splits.calib)
-    chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib)
-    key = stats_key(cfg, chunk)
+    chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib, device)
+    key = stats_key(cfg, chunk, torch.device(device).type, amp and torch.device(device).type == "cuda")
     sets = load_stats(cfg.cache_dir, key)
     if sets is not None:
         chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
@@ -129,7 +132,7 @@ def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: tor
 
     def loader(dataset: Any) -> Any:
         return make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
-                           num_workers=cfg.data.num_workers)
+                           **loader_options(cfg.data, device))
 
     stats = calibrate(model, loader(splits.calib), loader(splits.heldout), num_samples=n_calib,
                       heldout_samples=len(splits.heldout), chunk_size=chunk, layers=layers,

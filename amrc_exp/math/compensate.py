@@ -451,7 +451,8 @@ def fit_gd(
     grad = getattr(zt, "grad", None)  # analytic gradient where the Z type has one (low-rank)
     marks = {round(i * iters / max(1, n_checkpoints)) for i in range(n_checkpoints + 1)}
     history: dict[int, Tensor] = {}
-    opt = torch.optim.Adam([t[k] for k in zt.trainable], lr=lr) if zt.trainable else None
+    # One fused kernel per step on CUDA (the loop is launch-bound there); foreach on the CPU.
+    opt = torch.optim.Adam([t[k] for k in zt.trainable], lr=lr, fused=r.is_cuda or None) if zt.trainable else None
     for step in range(iters if opt is not None else 0):
         if step in marks:
             with torch.no_grad():

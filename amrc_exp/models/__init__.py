@@ -97,7 +97,9 @@ def _train(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     if splits.synthetic:
         raise ConfigError("model.weights", "train", "hub, random or a file path: training on data=synthetic "
                           "would give meaningless weights (use data=fashion_mnist)")
-    metrics = load_or_train(model, cfg, splits)
+    from amrc_exp.experiment.env import resolve_device
+
+    metrics = load_or_train(model, cfg, splits, resolve_device(cfg.device))  # trains on the run's device
     return model, {"weights": "train", "random_weights": False, **metrics}
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from amrc_exp.compress.evaluate import top1
-from amrc_exp.data import Splits, make_loader
+from amrc_exp.data import Splits, loader_options, make_loader
 from amrc_exp.experiment.config import as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
@@ -36,6 +36,7 @@ CLIP_GRAD_NORM = 1.0  # keeps the high peak LR stable (ViTs spike without it)
 # A few epochs on 60k images do not overfit: augmentation would only slow convergence.
 AUGMENT = False
 EVAL_BATCH_SIZE = 500
+LOG_EVERY = 50  # steps between progress-bar loss updates (each one is a host-device sync)
 
 
 def train_embedded(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
@@ -52,21 +53,24 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     train_set = splits.train_full if AUGMENT else splits.train_plain
     if train_set is None:  # a hand-built Splits without the full splits
         train_set = splits.train
-    loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True,
-                         seed=int(cfg.seed), num_workers=int(cfg.data.num_workers), drop_last=True)
+    loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True,
+                         **loader_options(cfg.data, next(model.parameters()).device))
     total_steps = max(1, int(train_cfg.epochs) * len(loader))
     warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
     optimizer = _adamw(model, float(train_cfg.lr), float(train_cfg.weight_decay))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
 
+    device = next(model.parameters()).device  # the run's device: the caller moved the model there
     model.train()
     start = time.perf_counter()
     correct = seen = 0
     with tqdm(total=total_steps, desc=f"train {cfg.model.name}", unit="step",
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         for epoch in range(int(train_cfg.epochs)):
-            correct = seen = 0  # running train top-1 of the last epoch is what gets reported
-            for images, labels in loader:
+            # Counted on the device and read once per epoch: no host sync per step on a GPU.
+            correct_t, seen = torch.zeros((), dtype=torch.long, device=device), 0
+            for step, (images, labels) in enumerate(loader):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -75,16 +79,17 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
                     nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
                 optimizer.step()
                 schedule.step()
-                correct += int((logits.argmax(-1) == labels).sum())
+                correct_t += (logits.argmax(-1) == labels).sum()
                 seen += len(labels)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+                if step % LOG_EVERY == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
+            correct = int(correct_t)
             bar.write(f"epoch {epoch + 1}/{int(train_cfg.epochs)}: last loss {loss.item():.3f}, "
                       f"train top-1 {100.0 * correct / max(seen, 1):.2f}, {time.perf_counter() - start:.0f}s")
     train_seconds = time.perf_counter() - start
     test_set = splits.val_full if splits.val_full is not None else splits.val
-    test_top1 = top1(model, make_loader(test_set, EVAL_BATCH_SIZE, shuffle=False, seed=0),
-                     next(model.parameters()).device, desc="test")
+    test_top1 = top1(model, make_loader(test_set, EVAL_BATCH_SIZE, shuffle=False, seed=0), device, desc="test")
     model.eval()
     return {
         "train_seconds": round(train_seconds, 2),
@@ -95,8 +100,9 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def embedded_cache_fields(cfg: DictConfig) -> dict[str, Any]:
-    """Exactly the config fields the trained weights depend on (and the recipe version)."""
+def embedded_cache_fields(cfg: DictConfig, device_type: str = "cpu") -> dict[str, Any]:
+    """Exactly the config fields the trained weights depend on (and the recipe version, and the
+    device type it trains on)."""
     name = str(cfg.model.name)
     return {
         "recipe": {"version": RECIPE_VERSION, "warmup": WARMUP_FRACTION, "clip": CLIP_GRAD_NORM,
@@ -112,30 +118,36 @@ def embedded_cache_fields(cfg: DictConfig) -> dict[str, Any]:
         },
         "seed": int(cfg.seed),
         "data": {"name": str(cfg.data.name), "root": None if cfg.data.root is None else str(cfg.data.root)},
+        # Trained on a GPU, the weights differ (other kernels): keyed apart. CPU keys unchanged.
+        **({"device": device_type} if device_type != "cpu" else {}),
     }
 
 
-def cache_paths(cfg: DictConfig) -> tuple[Path, Path]:
+def cache_paths(cfg: DictConfig, device_type: str = "cpu") -> tuple[Path, Path]:
     """(<cache_dir>/embedded/<key>.safetensors, <key>.json) for this config."""
-    key = cache_key(embedded_cache_fields(cfg))
+    key = cache_key(embedded_cache_fields(cfg, device_type))
     folder = Path(str(cfg.cache_dir)).expanduser() / "embedded"
     return folder / f"{key}.safetensors", folder / f"{key}.json"
 
 
-def load_or_train(model: nn.Module, cfg: DictConfig, splits: Splits) -> dict[str, Any]:
-    """Load the cached trained weights into `model`, or train and cache them.
+def load_or_train(model: nn.Module, cfg: DictConfig, splits: Splits,
+                  device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load the cached trained weights into `model`, or train them on `device` and cache them.
+    The model is left on `device`.
 
     Returns the metrics plus {"cached": bool, "weights_path": ...}. A corrupt or incomplete
     cache entry is reported with a warning and retrained. Concurrent jobs (a parallel sweep)
     wait on a file lock, so only one of them trains.
     """
-    weights_path, meta_path = cache_paths(cfg)
+    device = torch.device(device)
+    weights_path, meta_path = cache_paths(cfg, device.type)
+    model.to(device)
     with _file_lock(weights_path.with_suffix(".lock")):
         metrics = _load_cached(model, weights_path, meta_path)
         if metrics is not None:
             return {**metrics, "cached": True, "weights_path": str(weights_path)}
         metrics = train_embedded(model, splits, cfg)
-        _save_cache(model, weights_path, meta_path, {**metrics, "fields": embedded_cache_fields(cfg)})
+        _save_cache(model, weights_path, meta_path, {**metrics, "fields": embedded_cache_fields(cfg, device.type)})
     return {**metrics, "cached": False, "weights_path": str(weights_path)}
 
 
@@ -158,7 +170,7 @@ def _load_cached(model: nn.Module, weights_path: Path, meta_path: Path) -> dict[
 def _save_cache(model: nn.Module, weights_path: Path, meta_path: Path, metrics: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights_path) as tmp:
         save_file(state_dict, str(tmp))
     atomic_write_json(meta_path, metrics)  # the commit marker: written after the weights

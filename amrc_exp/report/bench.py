@@ -78,16 +78,16 @@ def forward_floor(model: torch.nn.Module, splits: Any, cfg: RunConfig, device: t
                   amp: bool) -> int:
     """The calibration images (held-out and calibration sets, as calibration reads them) through
     the model with no hooks: the lower bound of the calibrate stage. Returns the image count."""
-    from amrc_exp.data import make_loader
     from amrc_exp.compress.evaluate import autocast_for
+    from amrc_exp.data import loader_options, make_loader
 
     n = 0
     for dataset in (splits.heldout, splits.calib):
         loader = make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers)
+                             **loader_options(cfg.data, device))
         for images, _ in loader:
             with autocast_for(device, amp):
-                model(images.to(device))
+                model(images.to(device, non_blocking=True))
             n += len(images)
     return n
 
@@ -124,7 +124,7 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     from amrc_exp.io import atomic_write_json, atomic_write_text
     from amrc_exp.models import build_model
     from amrc_exp.report.profiling import StageMeter, machine_info, max_rss
-    from amrc_exp.experiment.env import resolve_device
+    from amrc_exp.experiment.env import apply_precision, resolve_device
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,8 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     try:
         cfg = compose_config(preset, overrides, out_dir, cache_dir)
         device = resolve_device(cfg.device)
-        amp = bool(cfg.amp) and device.type == "cuda"
+        apply_precision(device, cfg.precision.tf32)
+        amp = cfg.autocast(device.type)["calibrate"]  # the bench's forwards: calibration and throughput
         meter, p = StageMeter(device), PRESETS[preset]
         gd_cfg = replace(cfg, zfit=replace(cfg.zfit, solver="gd"))
         cf_cfg = replace(cfg, zfit=replace(cfg.zfit, solver="closed_form"))
