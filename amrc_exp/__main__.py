@@ -4,7 +4,8 @@ tab completion: `eval "$(amrc -sc install=bash)"`.
 
 A user-fixable error (`AmrcError`) prints one line and exits 2. In a multirun (`-m`) it fails
 only its own job (its `failed.json` says why): the other jobs still run, and the sweep exits 2
-at the end, listing the failed jobs; a rerun of the same sweep skips the finished ones.
+at the end, listing the failed jobs (`amrc_exp.experiment.callbacks.SweepSummary`, under any
+launcher); a rerun of the same sweep skips the finished ones.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from amrc_exp.experiment.config import register_schema
 from amrc_exp.errors import AmrcError
 
 register_schema()
-FAILED_JOBS: list[str] = []  # multirun jobs that failed with a user-fixable error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -33,9 +33,8 @@ def main(cfg: DictConfig) -> float | None:
     except AmrcError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        if _multirun():
+        if _multirun():  # the job's failed.json is written; the sweep's callback lists it and exits 2
             print(f"amrc_exp: error in job {cfg.out_dir}: {err}", file=sys.stderr, flush=True)
-            FAILED_JOBS.append(str(cfg.out_dir))
             return None
         print(f"amrc_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -71,17 +70,34 @@ def preflight_output_dir(argv: list[str]) -> str | None:
             f"set {key}=/a/writable/path")
 
 
+def preflight_keys(argv: list[str]) -> str | None:
+    """Why a dotted override in `argv` names no key of the schema (a typo), or None. Hydra would
+    answer `zfit.solvr=gd` by suggesting `+zfit.solvr=gd`, which would then be ignored; this
+    names the closest valid key instead. (The run itself refuses unknown keys too, however
+    they got in: `to_run_config`.)"""
+    from amrc_exp.errors import UnknownKeyError
+    from amrc_exp.experiment.config import check_key
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or "/" in key or "." not in key or key.startswith("hydra."):
+            continue
+        try:
+            check_key(key, value)
+        except UnknownKeyError as err:
+            return str(err)
+    return None
+
+
 def cli() -> None:
-    """The console script `amrc`: preflight, the Hydra app, and exit 2 when a job failed."""
-    problem = preflight_output_dir(sys.argv[1:])
+    """The console script `amrc`: preflight, then the Hydra app (a multirun with a failed job
+    exits 2 through the SweepSummary callback)."""
+    problem = preflight_output_dir(sys.argv[1:]) or preflight_keys(sys.argv[1:])
     if problem:
         print(f"amrc_exp: error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
-    if FAILED_JOBS:
-        print(f"amrc_exp: error: {len(FAILED_JOBS)} job(s) failed (see failed.json in each): "
-              + ", ".join(FAILED_JOBS), file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

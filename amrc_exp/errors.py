@@ -19,6 +19,15 @@ class ConfigError(AmrcError, ValueError):
         super().__init__(f"invalid config value {key}={shown!r}: expected {allowed}")
 
 
+class UnknownKeyError(AmrcError):
+    """A config key that is not in the schema (a typo, or a `+key` the run would ignore)."""
+
+    def __init__(self, key: str, value: Any, closest: str | None) -> None:
+        self.key, self.value, self.closest = key, value, closest
+        hint = f"did you mean {closest}?" if closest else "no such key (`amrc --cfg job` lists them)"
+        super().__init__(f"unknown config key {key}={value!r}: {hint}")
+
+
 class DataError(AmrcError):
     """Data is missing or malformed. The message names the override to set."""
 

@@ -174,3 +174,36 @@ def test_device_defaults_for_loaders_and_memory_on_the_cpu():
     assert loader_options(cfg.data, "cuda")["pin_memory"] is True
     assert group_h_bytes(torch.device("cpu")) == GROUP_H_BYTES == 256 * 2**20
     assert chunk_budget_gib(None, "cpu") == 2.0 and chunk_budget_gib(0.5, "cpu") == 0.5
+
+
+@pytest.mark.parametrize("override,closest", [
+    ("+finetune.epoch=0", "finetune.epochs"), ("+zfit.solvr=gd", "zfit.solver"), ("+foo=1", None),
+    ("+data.eval_subst=10", "data.eval_subset"),
+])
+def test_keys_outside_the_schema_are_refused_even_with_plus(override, closest):
+    """`+finetune.epoch=0` used to start a 20-epoch run: a key the schema lacks is an error
+    naming the closest valid key, before any work."""
+    from amrc_exp.errors import UnknownKeyError
+
+    with pytest.raises(UnknownKeyError) as err:
+        validate(compose_cfg([override, "out_dir=."]))
+    assert err.value.key == override[1:].split("=")[0] and err.value.closest == closest
+    assert (f"did you mean {closest}?" if closest else "no such key") in str(err.value)
+
+
+def test_free_form_model_kwargs_stay_open():
+    cfg = validate(compose_cfg(["+model.kwargs.depth=2", "+model.kwargs.drop_path_rate=0.1", "out_dir=."]))
+    assert cfg.model.kwargs == {"depth": 2, "drop_path_rate": 0.1}
+
+
+def test_cli_typo_names_the_closest_key_not_the_plus_form():
+    proc = _cli("zfit.solvr=gd", "logger=none", "hydra.run.dir=" + str(ROOT / "outputs" / "_test_cli"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown config key zfit.solvr='gd': did you mean zfit.solver?" in proc.stderr
+    assert "+zfit.solvr" not in proc.stderr
+
+
+def test_cfg_job_resolve_prints_the_resolved_config():
+    proc = _cli("--cfg", "job", "--resolve")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "out_dir: ." in proc.stdout and "${" not in proc.stdout

@@ -225,3 +225,22 @@ def test_submitit_local_launcher(tmp_path):
     assert name == ",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named]))
     assert json.loads(path.read_text())["status"] == "complete"
     assert (sweep / ".submitit").is_dir()
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_failed_jobs_make_the_sweep_fail_under_every_launcher(tmp_path, launcher):
+    """A job that fails validation (ratio=1.2) or the budget check (ratio=0.99) writes failed.json
+    in its own directory; the sweep lists both and exits 2, also when the jobs ran in other
+    processes (joblib workers, submitit jobs), where no in-process state reaches the launcher."""
+    sweep = tmp_path / "sweep"
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    cmd = _sweep_cmd(sweep, tmp_path / "cache", f"hydra/launcher={launcher}", *extra, "method=svd_ft",
+                     "ratio=0.5,1.2,0.99", "finetune.epochs=0")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "2 job(s) of the sweep failed" in out and "ratio=1.2" in out and "ratio=0.99" in out
+    failed = _job_files(sweep, "failed.json")
+    assert sorted(n.split("ratio=")[1].split(",")[0] for n in failed) == ["0.99", "1.2"]
+    assert "ratio=1.2" in json.loads(next(p for n, p in failed.items() if "ratio=1.2" in n).read_text())["error"]
+    assert len(_job_files(sweep, "results.json")) == 1

@@ -10,12 +10,15 @@ are the library's own dataclasses (`amrc_exp.compress.config`): defaults live th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, is_dataclass
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from amrc_exp.errors import UnknownKeyError
 from amrc_exp.compress.config import (
     AMRCConfig,
     DecompConfig,
@@ -207,16 +210,75 @@ class RunConfig:
 
 
 def register_schema() -> None:
-    """Register the schema so `conf/config.yaml` can list `config_schema` in its defaults."""
+    """Register the schema so `conf/config.yaml` can list `config_schema` in its defaults, and
+    the `amrc.run_dir` resolver its `out_dir` uses."""
     ConfigStore.instance().store(name="config_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("amrc.run_dir"):
+        OmegaConf.register_new_resolver("amrc.run_dir", _run_dir, use_cache=False)
+
+
+def _run_dir() -> str:
+    """Hydra's job output dir; "." where there is none (`--cfg job --resolve` prints the config
+    without creating a run, so Hydra's own `${hydra:runtime.output_dir}` is None there)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False)
+        if out is not None:
+            return str(out)
+    return "."
 
 
 def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     """The composed config as typed dataclasses, converted once; every value is checked on
-    the way (ConfigError on the first bad one). A RunConfig passes through."""
+    the way (ConfigError on the first bad one), and a key the schema does not have (even one
+    added with `+`) is refused, naming the closest valid key. A RunConfig passes through."""
     if isinstance(cfg, RunConfig):
         return cfg
+    schema = OmegaConf.get_type(cfg)
+    for key, value in _walk(cfg):
+        check_key(key, value, schema if is_dataclass(schema) else RunConfig)
     return OmegaConf.to_object(cfg)
+
+
+def _walk(node: DictConfig, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf; free-form dict nodes (model.kwargs) are leaves."""
+    for key in node.keys():
+        value = node._get_node(key)
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):
+            yield from _walk(value, full + ".")
+        else:
+            yield full, OmegaConf.select(node, str(key), throw_on_missing=False) if not isinstance(value, DictConfig) else {}
+
+
+def schema_keys(schema: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (dict-typed fields such as model.kwargs end a key)."""
+    schema = schema or RunConfig
+    keys = []
+    for name, hint in typing.get_type_hints(schema).items():
+        if name not in {f.name for f in fields(schema)}:
+            continue
+        keys.append(prefix + name)
+        if is_dataclass(hint):
+            keys += schema_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+def check_key(key: str, value: Any, schema: type = None) -> None:
+    """UnknownKeyError unless `key` (dotted; anything below a dict-typed field is free) is in
+    `schema` (default: RunConfig)."""
+    node: Any = schema or RunConfig
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return  # below a dict-typed field: free-form
+        hints = typing.get_type_hints(node)
+        if part not in {f.name for f in fields(node)}:
+            close = difflib.get_close_matches(key, schema_keys(schema or RunConfig), n=1, cutoff=0.6)
+            raise UnknownKeyError(key, value, close[0] if close else None)
+        node = hints[part]
+        if typing.get_origin(node) is typing.Union:  # Optional[X]
+            node = next(a for a in typing.get_args(node) if a is not type(None))
 
 
 def validate(cfg: DictConfig) -> RunConfig:

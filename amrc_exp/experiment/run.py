@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     """Run every stage for one config; return (and write) the results."""
-    rc = to_run_config(cfg)  # every value checked, before any heavy import or I/O
+    try:
+        rc = to_run_config(cfg)  # every value checked, before any heavy import or I/O
+    except AmrcError as err:  # a sweep job with a bad value fails like any other: failed.json
+        _record_invalid(cfg, err)
+        raise
     out_dir = Path(rc.out_dir)
     check_writable(out_dir)
     check_writable(Path(rc.cache_dir).expanduser(), "cache_dir")
@@ -117,6 +121,16 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         raise
     finally:
         tracker.finish()
+
+
+def _record_invalid(cfg: Any, err: AmrcError) -> None:
+    """failed.json for a config that did not validate, when its out_dir is known and writable."""
+    try:
+        out_dir = Path(str(cfg.out_dir))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_failed(out_dir, {"config": as_plain(cfg)}, err)
+    except Exception:  # noqa: BLE001 - the validation error is what the user must see
+        log.debug("could not write failed.json for an invalid config", exc_info=True)
 
 
 def compress_stages(model: torch.nn.Module, splits: Any, rc: RunConfig, device: torch.device,

@@ -12,9 +12,6 @@ its Tables 1–4) in adjacent columns wherever a row matches a paper row: same a
 same method, same parameter reduction. Runs marked ``synthetic`` (random weights or synthetic
 data) never fill an accuracy cell: it shows "—" in Markdown and is empty in the CSV, while
 their parameter and MiB cells are valid.
-
-Also the Hydra callback `SweepSummary` (named in sweeps/_common.yaml), which logs each failed
-job of a multirun with its directory and, at the end, the sweep's tally.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 
@@ -696,56 +692,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- Hydra callback
-
-
-class SweepSummary(Callback):
-    """Multirun bookkeeping (sweeps/_common.yaml): log each failed job with its directory as it
-    ends, and at the end how many jobs of the sweep directory are complete.
-
-    A job failed if it raised, or if it wrote a failed.json during this run (`python -m
-    amrc_exp` turns a user-fixable error in a multirun job into failed.json + return None)."""
-
-    def __init__(self) -> None:
-        self._started = 0.0
-
-    def on_job_start(self, config, **kwargs: Any) -> None:
-        import time
-
-        self._started = time.time()
-
-    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
-        out_dir = Path(config.hydra.runtime.output_dir)
-        failed = out_dir / "failed.json"
-        if job_return.status == JobStatus.FAILED:
-            err = job_return._return_value
-            why = f"{type(err).__name__}: {err}"
-        elif failed.exists() and failed.stat().st_mtime >= self._started - 1 and not (out_dir / RESULTS).exists():
-            try:
-                why = json.loads(failed.read_text()).get("error", "see failed.json")
-            except (OSError, ValueError):
-                why = "see failed.json"
-        else:
-            return
-        log.error("job FAILED in %s: %s (rerun the sweep command to retry it)", out_dir, why)
-
-    def on_multirun_end(self, config, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        counts = {name: _count_complete(sweep_dir, name) for name in (RESULTS, "sensitivity.json")}
-        log.info("sweep %s: %s; tables: python -m amrc_exp.report.tables %s, figures: python -m amrc_exp.report.figures",
-                 sweep_dir, ", ".join(f"{n} complete {name}" for name, n in counts.items() if n) or "no complete job",
-                 sweep_dir)
-
-
-def _count_complete(sweep_dir: Path, name: str) -> int:
-    n = 0
-    for path in sweep_dir.rglob(name) if sweep_dir.exists() else []:
-        try:
-            n += json.loads(path.read_text()).get("status") == "complete"
-        except (OSError, ValueError, AttributeError):
-            pass
-    return n
 
 
 if __name__ == "__main__":
