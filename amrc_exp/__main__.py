@@ -97,7 +97,12 @@ def cli() -> None:
     if problem:
         print(f"amrc_exp: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's 128 + SIGINT; no partial result is trusted
+        print("amrc_exp: interrupted (no results.json written for the unfinished job; rerun to resume)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

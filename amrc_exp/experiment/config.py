@@ -194,6 +194,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.device = as_choice(Device, "device", self.device)
+        # An empty AMRC_CACHE_DIR would silently put a large cache in the current directory.
+        check("cache_dir", self.cache_dir, lambda v: bool(str(v).strip()),
+              "a directory path (AMRC_CACHE_DIR is set but empty: unset it or give a path)")
         check("method", self.method, lambda v: v is None or v in METHODS, "null or one of " + ", ".join(METHODS))
         self.amrc()  # ratio, target_params, seed: checked where the method defines them
 
@@ -209,10 +212,10 @@ class RunConfig:
                           schedule=self.schedule, z_type=self.z_type, zfit=self.zfit, seed=self.seed)
 
 
-def register_schema() -> None:
-    """Register the schema so `conf/config.yaml` can list `config_schema` in its defaults, and
-    the `amrc.run_dir` resolver its `out_dir` uses."""
-    ConfigStore.instance().store(name="config_schema", node=RunConfig)
+def register_schema(schema: type = None) -> None:
+    """Register `schema` (default RunConfig) as `config_schema`, which `conf/config.yaml` lists
+    in its defaults, and the `amrc.run_dir` resolver its `out_dir` uses."""
+    ConfigStore.instance().store(name="config_schema", node=schema or RunConfig)
     if not OmegaConf.has_resolver("amrc.run_dir"):
         OmegaConf.register_new_resolver("amrc.run_dir", _run_dir, use_cache=False)
 

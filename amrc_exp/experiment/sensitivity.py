@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from torch import nn
 
@@ -65,7 +64,9 @@ class SensitivityRunConfig(RunConfig):
 
 def register_schema() -> None:
     """Make `conf/config.yaml`'s `config_schema` the run schema plus the `sensitivity` node."""
-    ConfigStore.instance().store(name="config_schema", node=SensitivityRunConfig)
+    from amrc_exp.experiment import config
+
+    config.register_schema(SensitivityRunConfig)
 
 
 def group_layers(names: list[str], kind: str) -> dict[str, list[str]]:

@@ -108,6 +108,9 @@ def _create_pretrained(name: str, create_kwargs: dict[str, Any]) -> nn.Module:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors / .pth / .pt / .bin file into a flat {name: tensor} state dict."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WeightsError(f"model.weights={str(path)!r} is a directory, not a weights file: name the "
+                           f".safetensors/.pth file inside it; {WEIGHTS_HINT}")
     if not path.is_file():
         raise WeightsError(f"weights file not found: model.weights={str(path)!r}; {WEIGHTS_HINT}")
     try:

@@ -678,12 +678,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--header", default=None, help="a line of Markdown put above each table (e.g. the "
                         "command and machine)")
     args = parser.parse_args(argv)
-    missing = [d for d in args.dirs if not Path(d).exists()]
+    missing = [d for d in args.dirs if not Path(d).is_dir()]
     if missing:
         parser.error(f"no such directory: {', '.join(missing)}")
-    tables = build_tables(args.dirs, args.table)
-    n_runs = len(load_results(args.dirs))
     out = args.out or Path(args.dirs[0])
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file: give a directory for the tableN.md / tableN.csv files")
+    n_runs = len(load_results(args.dirs))
+    failed, pending = _unfinished_jobs(args.dirs)
+    for what, jobs in (("failed (failed.json)", failed), ("pending (no result yet)", pending)):
+        if jobs:
+            print(f"warning: {len(jobs)} job(s) {what} have no row: " + ", ".join(map(str, jobs[:10]))
+                  + (" ..." if len(jobs) > 10 else ""), file=sys.stderr)
+    if n_runs == 0:
+        print(f"amrc_exp.report.tables: error: no complete results.json under {', '.join(args.dirs)}; "
+              "nothing written", file=sys.stderr)
+        return 2
+    tables = build_tables(args.dirs, args.table)
     files = write_tables(tables, out, args.header)
     for t in tables:
         print(t.to_markdown())
@@ -691,7 +702,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- Hydra callback
+def _unfinished_jobs(dirs: list[str]) -> tuple[list[Path], list[Path]]:
+    """Job directories (those Hydra wrote a .hydra/ into) without a complete result: failed ones
+    (a failed.json) and pending ones (killed, or not run yet)."""
+    failed, pending = [], []
+    for root in map(Path, dirs):
+        for hydra_dir in sorted(root.rglob(".hydra")):
+            job = hydra_dir.parent
+            if any((job / n).exists() for n in ("results.json", "sensitivity.json")):
+                continue
+            (failed if (job / "failed.json").exists() else pending).append(job)
+    return failed, pending
 
 
 if __name__ == "__main__":

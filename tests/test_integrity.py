@@ -1,0 +1,112 @@
+"""Bad inputs that used to pass silently or end in a traceback: each gets one line naming the
+key or path, the value and what is allowed (issue: nothing stale, nothing silent)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amrc_exp.errors import ConfigError, WeightsError
+from tests.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_empty_cache_dir_env_is_refused(monkeypatch):
+    from amrc_exp.experiment.config import validate
+
+    monkeypatch.setenv("AMRC_CACHE_DIR", "")
+    with pytest.raises(ConfigError, match=r"cache_dir='': expected a directory path \(AMRC_CACHE_DIR is set but empty"):
+        validate(compose_cfg(["out_dir=."]))
+
+
+def test_weights_path_that_is_a_directory_says_so(tmp_path):
+    from amrc_exp.models.weights import read_state_dict
+
+    with pytest.raises(WeightsError, match="is a directory, not a weights file"):
+        read_state_dict(tmp_path)
+    with pytest.raises(WeightsError, match="weights file not found"):
+        read_state_dict(tmp_path / "missing.safetensors")
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT mid-run: exit 130, one line, no traceback, and no results.json for the job."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = ["model=deit_t", "model.weights=random", "data=synthetic", "+model.kwargs.depth=1", "model.img_size=32",
+            "model.num_classes=10", "data.num_train=96", "data.num_val=32", "calib.num_samples=32",
+            "calib.heldout_samples=16", "calib.batch_size=16", "zfit.iters=1000000", "finetune.epochs=0",
+            "logger=none", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "amrc_exp", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # the endless GD fit has started
+        if "stage compensate ..." in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest[-2000:]
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    assert "amrc_exp: interrupted" in rest
+    assert not (out / "results.json").exists() and (out / "failed.json").exists()
+
+
+def test_tables_refuse_an_empty_sweep_and_a_file_as_out(tmp_path, capsys):
+    from amrc_exp.report.tables import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no complete results.json" in capsys.readouterr().err
+    assert not list((tmp_path / "empty").iterdir())  # nothing written
+    (tmp_path / "file.md").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "file.md")])
+    assert err.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_tables_warn_about_failed_and_pending_jobs(tmp_path, capsys):
+    from amrc_exp.report.tables import main
+    from tests.test_tables import write_run
+
+    write_run(tmp_path, "method=ours,ratio=0.5")
+    for name, files in (("method=ours,ratio=0.9", {"failed.json": "{}"}), ("method=ours,ratio=0.6", {})):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        for f, text in files.items():
+            (job / f).write_text(text)
+    assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--table", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "1 job(s) failed (failed.json) have no row" in err and "ratio=0.9" in err
+    assert "1 job(s) pending (no result yet) have no row" in err and "ratio=0.6" in err
+
+
+@pytest.mark.parametrize("case,key", [("resnet", "model.name"), ("depth0", "model.name"),
+                                      ("min_rank", "schedule.min_rank"), ("fraction", "z_type.fraction")])
+def test_budget_errors_blame_the_real_cause(case, key):
+    """No compressible layer (not a ViT, or depth 0), a min_rank no layer can take, or a Z too
+    expensive for any layer: each names its own key (all used to say z_type.fraction)."""
+    import timm
+
+    from amrc_exp.compress import AMRCConfig, ScheduleConfig, ZConfig, count_params, find_layers
+    from amrc_exp.compress.plan import check_budget
+
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=10)
+    model, config = {
+        "resnet": (lambda: timm.create_model("resnet18", num_classes=10), AMRCConfig()),
+        "depth0": (lambda: timm.create_model("vit_tiny_patch16_224", depth=0, **vit), AMRCConfig()),
+        "min_rank": (lambda: timm.create_model("vit_tiny_patch16_224", depth=1, **vit),
+                     AMRCConfig(schedule=ScheduleConfig(min_rank=100000))),
+        "fraction": (lambda: timm.create_model("vit_tiny_patch16_224", depth=1, **vit),
+                     AMRCConfig(z_type=ZConfig("sparse_unstructured", fraction=0.99))),
+    }[case]
+    model = model()
+    with pytest.raises(ConfigError) as err:
+        check_budget(find_layers(model), count_params(model), config)
+    assert err.value.key == key, str(err.value)
