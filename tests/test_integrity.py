@@ -110,3 +110,14 @@ def test_budget_errors_blame_the_real_cause(case, key):
     with pytest.raises(ConfigError) as err:
         check_budget(find_layers(model), count_params(model), config)
     assert err.value.key == key, str(err.value)
+
+
+def test_long_job_dir_names_are_shortened_deterministically():
+    from amrc_exp.experiment.config import MAX_DIRNAME, job_dirname
+
+    short = "method=ours,ratio=0.5"
+    assert job_dirname(short) == short
+    long = ",".join(f"+model.kwargs.option_number_{i}=value_{i}" for i in range(12))
+    name = job_dirname(long)
+    assert len(name.encode()) <= MAX_DIRNAME < 255 and name.startswith("+model.kwargs.option_number_0=value_0")
+    assert job_dirname(long) == name and job_dirname(long + "x") != name

@@ -73,7 +73,7 @@ def test_sweep_config_jobs_compose(name):
     from omegaconf import OmegaConf
 
     sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
-    assert sweep == {"dir": "outputs/sweeps/${hydra.job.config_name}", "subdir": "${hydra.job.override_dirname}"}
+    assert sweep == {"dir": "outputs/sweeps/${hydra.job.config_name}", "subdir": "${amrc.dirname:${hydra.job.override_dirname}}"}
     assert base.hydra.job.config_name == name
     assert {"model.weights", "data.root", "cache_dir"} <= set(base.hydra.job.config.override_dirname.exclude_keys)
     jobs = grid(base)
@@ -222,7 +222,9 @@ def test_submitit_local_launcher(tmp_path):
     (name, path), = _job_files(sweep, "results.json").items()
     excluded = set(compose_sweep("table2_embedded").hydra.job.config.override_dirname.exclude_keys)
     named = [o for o in TINY if o.split("=")[0] not in excluded]  # weights, batch sizes: not in names
-    assert name == ",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named]))
+    from amrc_exp.experiment.config import job_dirname
+
+    assert name == job_dirname(",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named])))
     assert json.loads(path.read_text())["status"] == "complete"
     assert (sweep / ".submitit").is_dir()
 

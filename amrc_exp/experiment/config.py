@@ -218,6 +218,23 @@ def register_schema(schema: type = None) -> None:
     ConfigStore.instance().store(name="config_schema", node=schema or RunConfig)
     if not OmegaConf.has_resolver("amrc.run_dir"):
         OmegaConf.register_new_resolver("amrc.run_dir", _run_dir, use_cache=False)
+    if not OmegaConf.has_resolver("amrc.dirname"):
+        OmegaConf.register_new_resolver("amrc.dirname", job_dirname)
+
+
+MAX_DIRNAME = 240  # bytes; most file systems allow 255 per path component
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's directory name: its overrides, or, past MAX_DIRNAME, a readable prefix
+    plus a hash of the whole string (deterministic, so a rerun finds the same directory; the
+    full overrides stay in the job's .hydra/overrides.yaml and results.json)."""
+    import hashlib
+
+    if len(overrides.encode()) <= MAX_DIRNAME:
+        return overrides
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:16]
+    return overrides.encode()[: MAX_DIRNAME - 18].decode(errors="ignore").rstrip(",") + "~" + digest
 
 
 def _run_dir() -> str:
