@@ -121,3 +121,23 @@ def test_long_job_dir_names_are_shortened_deterministically():
     name = job_dirname(long)
     assert len(name.encode()) <= MAX_DIRNAME < 255 and name.startswith("+model.kwargs.option_number_0=value_0")
     assert job_dirname(long) == name and job_dirname(long + "x") != name
+
+
+def test_cache_entry_with_zeroed_tensor_bytes_is_recomputed(tmp_path, caplog):
+    """Size and header intact, data zeroed: the CRC in the manifest catches it."""
+    import torch
+
+    from amrc_exp.compress.calibrate import LayerStats
+    from amrc_exp.experiment import stats_cache
+
+    H = torch.rand(8, 8, dtype=torch.float64) + 1.0
+    stats = {"heldout": {"l": LayerStats(H, torch.rand(3, 8, dtype=torch.float64), 4, 3)}}
+    stats_cache.save_stats(str(tmp_path), "k", stats)
+    assert torch.equal(stats_cache.load_stats(str(tmp_path), "k")["heldout"]["l"].H, H)
+    path = tmp_path / "stats" / "k.safetensors"
+    data = bytearray(path.read_bytes())
+    start = data.index(H.numpy().tobytes()[:16])  # the H bytes, after the JSON header
+    data[start: start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    assert stats_cache.load_stats(str(tmp_path), "k") is None
+    assert "checksum mismatch" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from amrc_exp.experiment.config import RunConfig, as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: per-tensor CRC-32 in the manifest
 # Bump when calibrate.py changes the numbers it stores (e.g. how ||X_i W||² is summed): older
 # entries then miss instead of being read as if the new code had made them.
 STATS_VERSION = 2
@@ -65,6 +66,11 @@ def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]])
                                                   "n_skipped": s.n_skipped}
     # One id in both files: a manifest is only ever paired with the tensors of its own save.
     manifest["entry"] = uuid.uuid4().hex
+    # A CRC-32 of every tensor's bytes: a file with intact sizes and header but damaged data
+    # (zeroed blocks) must not pass. Cost: one read of the bytes, measured 2.15 GiB/s on the
+    # project's CPU (DeiT-B's 2.35 GB of statistics: ~1.1 s per save or load, against ~400 s
+    # of CPU calibration).
+    manifest["crc32"] = {name: _crc(t) for name, t in tensors.items()}
     tensor_path, manifest_path = _paths(cache_dir, key)
     try:
         with atomic_path(tensor_path) as tmp:
@@ -87,6 +93,10 @@ def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | N
             if entry != manifest.get("entry"):
                 raise ValueError("tensor file and manifest come from different saves")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        expected = manifest.get("crc32", {})
+        bad = [k for k, t in tensors.items() if expected.get(k) != _crc(t)]
+        if bad:
+            raise ValueError(f"checksum mismatch in {len(bad)} tensor(s), e.g. {bad[0]}")
         sets = {}
         for set_name, layers in manifest["sets"].items():
             sets[set_name] = {
@@ -102,6 +112,11 @@ def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | N
         log.warning("calibration cache entry %s is corrupt (%s); recomputing", tensor_path.name, err)
         manifest_path.unlink(missing_ok=True)
         return None
+
+
+def _crc(t: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes (no copy for a contiguous tensor)."""
+    return zlib.crc32(memoryview(t.contiguous().view(torch.uint8).numpy()))
 
 
 def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
