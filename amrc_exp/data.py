@@ -85,6 +85,33 @@ def _find_idx(root: Path, base: str) -> Optional[Path]:
     return None
 
 
+def data_identity(name: str, root: Optional[str]) -> Optional[str]:
+    """A SHA-256 that changes when the data a run reads changes, or None (synthetic data is a
+    function of the config; missing data fails the run with its own message). Fashion-MNIST:
+    the IDX files' bytes. ImageNet: the sorted (relative path, size) listing of train/ and val/
+    (one directory walk, no image is read)."""
+    if name == "synthetic" or root is None:
+        return None
+    import hashlib
+
+    h, base = hashlib.sha256(), Path(str(root)).expanduser()
+    if name == "fashion_mnist":
+        files = [_find_idx(base, b) for bases in FMNIST_FILES.values() for b in bases]
+        if any(f is None for f in files):
+            return None
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()
+    listing = sorted((str(p.relative_to(base)), p.stat().st_size)
+                     for split in ("train", "val") for p in (base / split).rglob("*") if p.is_file())
+    if not listing:
+        return None
+    for rel, size in listing:
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()
+
+
 def load_fashion_mnist(
     root: str | os.PathLike | None,
     download_dir: str | os.PathLike | None = None,

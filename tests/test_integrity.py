@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from amrc_exp.errors import ConfigError, WeightsError
 from tests.conftest import compose_cfg
@@ -141,3 +142,35 @@ def test_cache_entry_with_zeroed_tensor_bytes_is_recomputed(tmp_path, caplog):
     path.write_bytes(bytes(data))
     assert stats_cache.load_stats(str(tmp_path), "k") is None
     assert "checksum mismatch" in caplog.text
+
+
+def test_a_result_is_tied_to_its_weights_file(tmp_path, caplog, one_thread):
+    """Same config, same job dir, new weights file content: the old result is not reused; the
+    rerun invalidates it before any work (so a failing rerun leaves no stale result); and the
+    tables skip a result whose weights changed after it ran."""
+    import timm
+
+    from amrc_exp.experiment.run import run
+    from amrc_exp.report.tables import load_results
+    from tests.test_bad_input import TINY, save_weights
+
+    def weights(seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = timm.create_model("fmnist_vit", num_classes=10, depth=2, embed_dim=32, num_heads=2)
+        return save_weights(model, tmp_path / "w.safetensors")
+
+    out = tmp_path / "sweep" / "job"
+    cfg = lambda: compose_cfg(TINY + [f"model.weights={tmp_path / 'w.safetensors'}", f"out_dir={out}",  # noqa: E731
+                                      f"cache_dir={tmp_path / 'cache'}", "logger=none"])
+    weights(0)
+    first = run(cfg())
+    assert first["inputs"]["weights_sha256"] and first["inputs"]["data_sha256"] is None  # synthetic data
+    assert run(cfg())["seconds"] == first["seconds"]  # unchanged inputs: skipped
+    weights(1)  # new content, same path
+    assert len(load_results([tmp_path / "sweep"])) == 0 and "stale" in caplog.text
+    second = run(cfg())
+    assert second["inputs"] != first["inputs"] and second["status"] == "complete"  # rerun, not the old result
+    (tmp_path / "w.safetensors").write_bytes(b"corrupt")  # the next rerun fails ...
+    with pytest.raises(WeightsError):
+        run(cfg())
+    assert not (out / "results.json").exists() and (out / "failed.json").exists()  # ... and leaves no stale result

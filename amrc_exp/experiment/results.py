@@ -54,6 +54,7 @@ class RunResult:
     finetune: Optional[dict[str, Any]] = None  # trainable params, loss per epoch
     throughput: Optional[dict[str, float]] = None  # compressed vs dense images/s, side by side
     precision: dict[str, Any] = field(default_factory=dict)  # TF32 and bf16 autocast per stage, as run
+    inputs: dict[str, Any] = field(default_factory=dict)  # weights / data content hashes (input_identity)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     error: Optional[str] = None  # failed runs only
 
@@ -67,14 +68,42 @@ class RunResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+WEIGHT_SOURCES = ("hub", "random", "train")  # named sources: the config identifies them
+
+
+def input_identity(weights: str, data_name: str, data_root: Optional[str]) -> dict[str, Optional[str]]:
+    """What a result depends on beyond its config: the weights file's and the data's content
+    (SHA-256s; None where the config alone identifies them). Stored in results.json, compared
+    by `finished_result` and re-checked by the tables."""
+    from amrc_exp.data import data_identity
+
+    weights_sha = None
+    if str(weights) not in WEIGHT_SOURCES:
+        path = Path(str(weights)).expanduser()
+        if path.is_file():
+            import hashlib
+
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            weights_sha = h.hexdigest()
+    return {"weights_sha256": weights_sha, "data_sha256": data_identity(str(data_name), data_root)}
+
+
+def inputs_of(config: dict[str, Any]) -> dict[str, Optional[str]]:
+    """`input_identity` of a results.json's config, as the files are now."""
+    return input_identity(config["model"]["weights"], config["data"]["name"], config["data"].get("root"))
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in LOCATION_KEYS}
 
 
-def finished_result(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The complete result at `path` of an earlier run of the same config, if any.
-
-    Unreadable, partial or non-object files never count (they are rerun)."""
+def finished_result(path: Path, config: dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The complete result at `path` of an earlier run of the same config and, when `inputs`
+    is given, the same weights and data content. Unreadable, partial or non-object files never
+    count (they are rerun)."""
     if not path.exists():
         return None
     try:
@@ -86,6 +115,8 @@ def finished_result(path: Path, config: dict[str, Any]) -> dict[str, Any] | None
         log.warning("%s does not hold a result object; rerunning", path)
         return None
     same = comparable(previous.get("config") or {}) == comparable(config)
+    if inputs is not None and previous.get("inputs") != inputs:
+        same = False  # the weights file or the data changed under the same config
     return previous if previous.get("status") == "complete" and same else None
 
 

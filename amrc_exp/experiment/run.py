@@ -22,7 +22,8 @@ from amrc_exp.errors import AmrcError, ConfigError, WeightsError
 from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
 from amrc_exp.experiment.env import (StageTimer, apply_precision, apply_thread_env, check_writable, resolve_device,
                                      seed_everything)
-from amrc_exp.experiment.results import RESULTS, RunResult, finished_result, write_failed, write_result
+from amrc_exp.experiment.results import (RESULTS, RunResult, finished_result, input_identity, write_failed,
+                                         write_result)
 from amrc_exp.experiment.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,15 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     from amrc_exp.models import build_model
 
     config = as_plain(rc)
-    previous = finished_result(out_dir / RESULTS, config)
+    inputs = input_identity(rc.model.weights, rc.data.name, rc.data.root)
+    previous = finished_result(out_dir / RESULTS, config, inputs)
     if previous is not None:  # a rerun of a sweep skips its finished jobs
         log.info("%s already holds a finished result for this config; skipping", out_dir)
         print_summary(previous)
         return previous
+    # This run replaces whatever result the directory holds: gone now, so a failure or a kill
+    # can never leave an older run's numbers looking like this config's.
+    (out_dir / RESULTS).unlink(missing_ok=True)
     apply_thread_env()
     seed_everything(rc.seed)
     device = resolve_device(rc.device)
@@ -55,7 +60,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     amp = autocast["eval"]  # evaluations and throughput
     timer = StageTimer()
     tracker = Tracker()  # the real one starts once data, weights and budget are known good
-    res = RunResult(config=config, device=str(device))
+    res = RunResult(config=config, device=str(device), inputs=inputs)
     res.precision = {**apply_precision(device, rc.precision.tf32), "autocast": autocast}
 
     try:

@@ -146,6 +146,7 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     Unreadable files, runs whose status is not "complete", and failed.json are skipped."""
     runs = []
     roots = [Path(p) for p in paths]
+    _INPUTS.clear()  # files may have changed since an earlier call in this process
     for path in find_results(roots):
         try:
             res = json.loads(path.read_text())
@@ -154,10 +155,25 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             continue
         if not isinstance(res, dict) or res.get("status") != "complete":
             continue
+        if "inputs" in res and _current_inputs(res["config"]) != res["inputs"]:
+            log.warning("skipping stale %s: its weights file or data changed since it ran (rerun the job)", path)
+            continue
         res["_dir"] = str(path.parent)
         res["_run"] = _relative(path.parent, roots)
         runs.append(res)
     return runs
+
+
+_INPUTS: dict[tuple, dict] = {}  # weights/data hashes per (weights, data name, root): each file read once
+
+
+def _current_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    from amrc_exp.experiment.results import inputs_of
+
+    key = (config["model"]["weights"], config["data"]["name"], config["data"].get("root"))
+    if key not in _INPUTS:
+        _INPUTS[key] = inputs_of(config)
+    return _INPUTS[key]
 
 
 def _relative(job_dir: Path, roots: list[Path]) -> str:
