@@ -33,11 +33,21 @@ def main(cfg: DictConfig) -> float | None:
     except AmrcError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        err = _one_line(err)
         if _multirun():  # the job's failed.json is written; the sweep's callback lists it and exits 2
             print(f"amrc_exp: error in job {cfg.out_dir}: {err}", file=sys.stderr, flush=True)
             return None
         print(f"amrc_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(err: AmrcError) -> str:
+    """The error's own message; from a DataLoader worker, torch wraps it in the worker's
+    traceback text, whose last line is the message."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+    return msg
 
 
 def _multirun() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -234,18 +235,62 @@ class SyntheticDataset(Dataset):
         return torch.randn(self.shape, generator=gen), int(self.labels[index])
 
 
-class TransformedView(Dataset):
-    """The same underlying items (e.g. one ImageFolder scan) seen through another transform."""
+class CorruptImageError(DataError):
+    """An image file that does not decode (truncated, not an image)."""
 
-    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.base, self.transform = base, transform
+
+def checked_loader(path: str) -> Any:
+    """torchvision's default loader, with a decode failure named by its file."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot decode image {path} ({type(err).__name__}: {err}); fix or remove it, "
+                                "or set data.skip_corrupt=true to skip such files (counted in results.json)") from err
+
+
+class SkipCounter:
+    """Images skipped as corrupt, counted across DataLoader workers (shared memory, fork)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._value = multiprocessing.get_context("fork").Value("i", 0)
+
+    def add(self) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+
+    @property
+    def count(self) -> int:
+        return int(self._value.value)
+
+
+class TransformedView(Dataset):
+    """The same underlying items (e.g. one ImageFolder scan) seen through another transform.
+
+    With `skip` (data.skip_corrupt), an image that does not decode is replaced by the next one
+    that does, and counted in `skipped` (shared by all views of one scan)."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor], skip: Optional[SkipCounter] = None) -> None:
+        self.base, self.transform, self.skip = base, transform, skip
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[index]
-        return self.transform(image), int(label)
+        for offset in range(len(self.base)):
+            try:
+                image, label = self.base[(index + offset) % len(self.base)]
+                return self.transform(image), int(label)
+            except CorruptImageError as err:
+                if self.skip is None:
+                    raise
+                self.skip.add()
+                warnings.warn(f"skipping a corrupt image (data.skip_corrupt=true): {err}", stacklevel=2)
+        raise DataError("every image of the split failed to decode")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -291,7 +336,8 @@ def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -
             raise DataError(f"{root / split} is not a directory: set data.root=/path/to/imagenet "
                             f"(a folder holding train/ and val/, one subfolder per class)")
     try:
-        train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+        train = ImageFolder(str(root / "train"), loader=checked_loader)
+        val = ImageFolder(str(root / "val"), loader=checked_loader)
     except (FileNotFoundError, OSError) as err:  # e.g. a class folder with no images
         raise DataError(f"cannot read ImageFolder under data.root={str(root)!r}: {err}") from err
     if train.classes != val.classes:
@@ -304,10 +350,11 @@ def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -
         raise ConfigError("data.num_classes", cfg.data.num_classes,
                           f">= {len(train.classes)} (class folders found under {root / 'train'})")
     train_tf, eval_tf = timm_transforms(cfg, model)
+    skip = SkipCounter() if cfg.data.skip_corrupt else None
     return Sources(
-        train_augmented=TransformedView(train, train_tf if cfg.data.augment else eval_tf),
-        train_eval=TransformedView(train, eval_tf),
-        val=TransformedView(val, eval_tf),
+        train_augmented=TransformedView(train, train_tf if cfg.data.augment else eval_tf, skip),
+        train_eval=TransformedView(train, eval_tf, skip),
+        val=TransformedView(val, eval_tf, skip),
         num_classes=int(cfg.data.num_classes),
         info={"classes_found": len(train.classes)},
     )
@@ -370,6 +417,17 @@ class Splits:
     val_full: Optional[Dataset] = None  # the whole val split (embedded model's test top-1)
     name: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+
+    def corrupt_skipped(self) -> int:
+        """Images skipped as corrupt so far (data.skip_corrupt=true), over every split."""
+        counters = {}
+        for ds in (self.train, self.val, self.calib, self.heldout):
+            while isinstance(ds, Subset):
+                ds = ds.dataset
+            skip = getattr(ds, "skip", None)
+            if skip is not None:
+                counters[id(skip)] = skip.count
+        return sum(counters.values())
 
     def describe(self) -> dict[str, Any]:
         """Short summary for results.json."""

@@ -6,6 +6,7 @@ raw bytes, torchvision transforms written out by hand). No test touches the netw
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import time
@@ -270,3 +271,22 @@ def test_image_folder_errors_name_data_root(image_folder, tmp_path):
     shutil.rmtree(image_folder / "val")
     with pytest.raises(DataError, match="data.root"):
         build_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, workers):
+    """A truncated JPEG: by default an error naming the file and data.skip_corrupt; with
+    data.skip_corrupt=true the next image stands in and the skip is counted (across workers)."""
+    from amrc_exp.data import CorruptImageError
+
+    bad = sorted((image_folder / "val" / "n01440764").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:200])  # header intact, data cut
+    base = ["model=deit_t", "model.img_size=32", "data=imagenet", f"data.root={image_folder}", "calib.num_samples=2",
+            "calib.heldout_samples=1", f"data.num_workers={workers}"]
+    splits = build_splits(make_cfg(*base))
+    with pytest.raises(CorruptImageError, match=rf"cannot decode image {bad}.*data.skip_corrupt=true"):
+        list(make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers))
+    splits = build_splits(make_cfg(*base, "data.skip_corrupt=true"))
+    with pytest.warns(UserWarning, match="skipping a corrupt image") if workers == 0 else contextlib.nullcontext():
+        labels = [int(y) for _, ys in make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers) for y in ys]
+    assert len(labels) == 4 and splits.corrupt_skipped() == 1

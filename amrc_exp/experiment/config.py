@@ -89,6 +89,7 @@ class DataConfig:
     augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
     finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
     eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
+    skip_corrupt: bool = False  # ImageFolder: skip images that do not decode (counted) instead of failing
     num_workers: Optional[int] = None  # null: by device (0 on the CPU, up to 8 on a GPU; data.loader_options)
 
     def __post_init__(self) -> None:

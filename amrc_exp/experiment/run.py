@@ -113,6 +113,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             create_kwargs = {**default_create_kwargs(model), **config["model"]["kwargs"]}
             save_compressed(model, out_dir / "model", meta={"config": config},
                             model_name=rc.model.name, create_kwargs=create_kwargs)
+        res.data["corrupt_images_skipped"] = splits.corrupt_skipped()
         res.top1 = res.final_top1()
         res.throughput = _throughput_pair(rc, splits, model, device, amp, build_model)
         res.seconds, res.status = timer.seconds, "complete"
