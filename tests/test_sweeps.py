@@ -246,3 +246,23 @@ def test_failed_jobs_make_the_sweep_fail_under_every_launcher(tmp_path, launcher
     assert sorted(n.split("ratio=")[1].split(",")[0] for n in failed) == ["0.99", "1.2"]
     assert "ratio=1.2" in json.loads(next(p for n, p in failed.items() if "ratio=1.2" in n).read_text())["error"]
     assert len(_job_files(sweep, "results.json")) == 1
+
+
+def test_sweep_listing_matches_what_the_sweep_runs(tmp_path):
+    """`python -m amrc_exp.experiment.sweep` lists the jobs, directories and states of a sweep
+    without running it; after a real (partly failing) run its directories are those Hydra made."""
+    from amrc_exp.experiment.sweep import list_jobs
+
+    sweep = tmp_path / "sweep"
+    extra = [f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *TINY, "method=svd_ft",
+             "ratio=0.5,0.99", "finetune.epochs=0"]
+    before = list_jobs(SWEEPS, "table2_embedded", extra)
+    assert [j.state for j in before] == ["pending", "pending"] and len({j.dir for j in before}) == 2
+    full = compose_sweep("table2_paper", ["data.root=/x"])
+    assert len(list_jobs(SWEEPS, "table2_paper", ["data.root=/x"])) == len(grid(full)) == 36
+    proc = subprocess.run(_sweep_cmd(sweep, tmp_path / "cache", "method=svd_ft", "ratio=0.5,0.99", "finetune.epochs=0"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 2  # ratio=0.99 cannot be met
+    after = {j.dir.name: j.state for j in list_jobs(SWEEPS, "table2_embedded", extra)}
+    assert after == {d.name: ("done" if (d / "results.json").exists() else "failed") for d in sweep.iterdir() if d.is_dir()}
+    assert sorted(after.values()) == ["done", "failed"]
