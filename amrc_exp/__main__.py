@@ -67,15 +67,23 @@ def preflight_output_dir(argv: list[str]) -> str | None:
     values = [v.strip("'\"") for n, sep, v in (a.partition("=") for a in argv) if sep and n.lstrip("+~") == key]
     if not values or not values[-1] or "${" in values[-1]:  # the last override wins
         return None
-    existing = Path(values[-1]).expanduser().absolute()
+    target = Path(values[-1]).expanduser().absolute()
+    existing = target
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
         problem = f"{existing} is not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable"
     else:
-        return None
+        # Proven by doing, not by os.access: root passes every permission check, yet /proc
+        # or a read-only mount still refuses. Hydra would create the directory next anyway.
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / f".write_probe.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+            return None
+        except OSError as err:
+            problem = f"{err.strerror or err} under {existing}"
     return (f"invalid config value {key}={values[-1]!r}: expected a writable directory ({problem}); "
             f"set {key}=/a/writable/path")
 

@@ -34,3 +34,7 @@ class DataError(AmrcError):
 
 class WeightsError(AmrcError):
     """Weights are missing, corrupt or do not match the architecture."""
+
+
+class DiskSpaceError(AmrcError):
+    """The output directory's file system lacks the space a run needs to write its results."""

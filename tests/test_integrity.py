@@ -174,3 +174,62 @@ def test_a_result_is_tied_to_its_weights_file(tmp_path, caplog, one_thread):
     with pytest.raises(WeightsError):
         run(cfg())
     assert not (out / "results.json").exists() and (out / "failed.json").exists()  # ... and leaves no stale result
+
+
+def test_wrong_wandb_key_without_network_falls_back_offline_within_the_timeout(tmp_path, monkeypatch, caplog,
+                                                                                  one_thread):
+    """A fake key and an unreachable server (a closed loopback port): the job waits at most
+    logger.init_timeout (it used to stall 60 s), then logs offline into its directory."""
+    import logging
+
+    from amrc_exp.experiment.run import run
+    from tests.test_bad_input import RANDOM, TINY
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        res = run(compose_cfg(TINY + [RANDOM, "logger=wandb", "logger.mode=online", "logger.init_timeout=2",
+                                      f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}"]))
+    assert res["status"] == "complete" and time.monotonic() - start < 45
+    assert "W&B online init failed within logger.init_timeout=2s" in caplog.text
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_output_dir_that_cannot_be_created_is_refused_up_front(tmp_path):
+    """`hydra.run.dir=/proc/x`: root passes os.access, but the directory cannot be made."""
+    for flag, key in (([], "hydra.run.dir"), (["-m"], "hydra.sweep.dir")):
+        proc = subprocess.run([sys.executable, "-m", "amrc_exp", *flag, f"{key}=/proc/amrc_test/x", "logger=none"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"invalid config value {key}='/proc/amrc_test/x': expected a writable directory" in proc.stderr
+
+
+def test_disk_full_fails_before_the_work_and_at_the_export(tmp_path, monkeypatch, one_thread):
+    """Too little free space: one error naming the directory and the MiB needed, before the
+    long stages; a disk that fills during the export: the same kind of error, no traceback."""
+    import errno
+    import shutil
+
+    from amrc_exp.errors import DiskSpaceError
+    from amrc_exp.experiment import export, run as run_module
+    from tests.test_bad_input import RANDOM, TINY
+
+    cfg = lambda name: compose_cfg(TINY + [RANDOM, "logger=none", f"out_dir={tmp_path / name}",  # noqa: E731
+                                           f"cache_dir={tmp_path / 'cache'}"])
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(DiskSpaceError, match=rf"not enough free space for the results in {tmp_path / 'a'}: the export needs about"):
+        run_module.run(cfg("a"))
+    assert "calibrate" not in __import__("json").loads((tmp_path / "a" / "failed.json").read_text())["seconds"]
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_compressed", full)
+    with pytest.raises(DiskSpaceError, match="no space left writing the export to"):
+        run_module.run(cfg("b"))
+    assert not (tmp_path / "b" / "results.json").exists()

@@ -108,8 +108,10 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode("offline")
     project: str = "amrc_exp"
     group: Optional[str] = None
+    init_timeout: float = 5.0  # seconds an online W&B init may take before the run logs offline
 
     def __post_init__(self) -> None:
+        positive_float("logger.init_timeout", self.init_timeout)
         self.name = as_choice(LoggerName, "logger.name", self.name)
         self.mode = as_choice(LoggerMode, "logger.mode", self.mode)
 

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from amrc_exp.errors import ConfigError
+from amrc_exp.errors import ConfigError, DiskSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +81,15 @@ def check_writable(path: Path, key: str = "out_dir") -> None:
             blocker = blocker.parent
         why = f"{blocker} is not a directory" if not blocker.is_dir() else f"{err.strerror or err}: {blocker}"
         raise ConfigError(key, str(path), f"a writable directory ({why}); {fix}") from None
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """DiskSpaceError, before the long stages, when `path`'s file system has less than `needed`
+    bytes free (what the export will write, plus a margin)."""
+    import shutil
+
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise DiskSpaceError(f"not enough free space for the results in {path}: the export needs about "
+                             f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space or "
+                             "set hydra.run.dir= (hydra.sweep.dir= for -m) elsewhere")

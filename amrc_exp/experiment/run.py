@@ -6,6 +6,7 @@ also written to `<out_dir>/results.json`.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -18,15 +19,16 @@ from amrc_exp.compress import CompressionReport, compress_, count_params, model_
 from amrc_exp.compress.calibrate import find_layers
 from amrc_exp.compress.evaluate import median, throughput_side_by_side
 from amrc_exp.compress.plan import check_budget
-from amrc_exp.errors import AmrcError, ConfigError, WeightsError
+from amrc_exp.errors import AmrcError, ConfigError, DiskSpaceError, WeightsError
 from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
-from amrc_exp.experiment.env import (StageTimer, apply_precision, apply_thread_env, check_writable, resolve_device,
-                                     seed_everything)
+from amrc_exp.experiment.env import (StageTimer, apply_precision, apply_thread_env, check_free_space, check_writable,
+                                     resolve_device, seed_everything)
 from amrc_exp.experiment.results import (RESULTS, RunResult, finished_result, input_identity, write_failed,
                                          write_result)
 from amrc_exp.experiment.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
+EXPORT_MARGIN = 4 * 2**20  # bytes beyond the weights: manifest, results.json, logs
 
 
 def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -71,8 +73,11 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             model.to(device).eval()
             _check_finite_weights(model, rc.model.weights)
         n0 = count_params(model)
+        kept = n0
         if rc.compress:  # before any expensive stage: a budget the model cannot meet fails in seconds
-            check_budget(find_layers(model), n0, rc.amrc())
+            kept = n0 - check_budget(find_layers(model), n0, rc.amrc())
+        bytes_per = next(model.parameters()).element_size()
+        check_free_space(out_dir, kept * bytes_per + EXPORT_MARGIN)  # the export, known now: fail before the work
         tracker = make_tracker(rc.logger, str(out_dir), config, name=out_dir.name)
         res.model, res.data = model_info, splits.describe()
         res.synthetic = bool(splits.synthetic or model_info.get("random_weights"))
@@ -111,8 +116,15 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
             # embed_dim, ...) that cannot be read back from the module.
             create_kwargs = {**default_create_kwargs(model), **config["model"]["kwargs"]}
-            save_compressed(model, out_dir / "model", meta={"config": config},
-                            model_name=rc.model.name, create_kwargs=create_kwargs)
+            try:
+                save_compressed(model, out_dir / "model", meta={"config": config},
+                                model_name=rc.model.name, create_kwargs=create_kwargs)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise DiskSpaceError(f"no space left writing the export to {out_dir / 'model'} (about "
+                                     f"{count_params(model) * bytes_per / 2**20:.1f} MiB needed); free some space "
+                                     "and rerun (nothing partial is kept)") from None
         res.data["corrupt_images_skipped"] = splits.corrupt_skipped()
         res.top1 = res.final_top1()
         res.throughput = _throughput_pair(rc, splits, model, device, amp, build_model)

@@ -43,17 +43,38 @@ def _has_credentials() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _say_once_per_sweep(message: str) -> None:
+    """A warning the first time in a sweep (a marker file in the sweep dir), info afterwards:
+    36 jobs falling back to offline need saying once, not 36 times."""
+    from hydra.core.hydra_config import HydraConfig
+
+    marker = None
+    if HydraConfig.initialized() and HydraConfig.get().sweep.dir:
+        marker = Path(HydraConfig.get().sweep.dir) / ".wandb_offline_fallback"
+    if marker is not None and marker.exists():
+        log.info(message)
+        return
+    log.warning(message + (" (said once for this sweep)" if marker is not None else ""))
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass
+
+
 class WandbTracker(Tracker):
     def __init__(self, *, project: str, group: str | None, mode: str, run_dir: str,
-                 config: dict[str, Any], name: str | None = None) -> None:
+                 config: dict[str, Any], name: str | None = None, init_timeout: float = 5.0) -> None:
         import wandb
 
         if mode == "online" and not _has_credentials():
-            log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY or `wandb login`);"
-                        " logging offline into the run directory instead")
+            _say_once_per_sweep("logger.mode=online but no W&B credentials (WANDB_API_KEY or `wandb login`);"
+                                " logging offline into the run directory instead")
             mode = "offline"
         os.makedirs(run_dir, exist_ok=True)
-        settings = wandb.Settings(silent=True, console="off", init_timeout=60)
+        # Bounded: with a wrong key or no network W&B would retry for its default 60 s per job.
+        settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout)
         try:
             self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
                                   config=config, name=name, reinit="finish_previous",
@@ -61,7 +82,8 @@ class WandbTracker(Tracker):
         except Exception as err:  # noqa: BLE001 - any online failure must not kill the run
             if mode == "offline":
                 raise
-            log.warning("W&B online init failed (%s); logging offline instead", err)
+            _say_once_per_sweep(f"W&B online init failed within logger.init_timeout={init_timeout:g}s "
+                                f"({type(err).__name__}); logging offline into the run directory instead")
             mode = "offline"
             self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
                                   config=config, name=name, reinit="finish_previous",
@@ -113,7 +135,8 @@ def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | N
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
         return Tracker()
     return WandbTracker(project=logger_cfg.project, group=logger_cfg.group or sweep_group(),
-                        mode=logger_cfg.mode, run_dir=run_dir, config=config, name=name)
+                        mode=str(logger_cfg.mode), run_dir=run_dir, config=config, name=name,
+                        init_timeout=float(logger_cfg.init_timeout))
 
 
 def sweep_group() -> str | None:
