@@ -540,13 +540,8 @@ def table3(df) -> Table:
                     "the embedded target is fmnist_vit_small's exact parameter count.")
     notes.append("Paper columns: the paper's Table 3 (its \"ViT-B\" row prints DeiT-B's 86.6M / 81.8, and DeiT-T "
                  "prints as 5.0M; timm's deit_tiny has 5.7M).")
-    if any_synth:
-        notes.append(SYNTHETIC_NOTE)
-    note = _settings_note(comp)
-    if note:
-        notes.append(note)
-    return Table(3, "Comparison of the top-1 accuracy on models with approximately the same size.",
-                 pd.DataFrame(md), pd.DataFrame(csv), notes)
+    return _table(3, "Comparison of the top-1 accuracy on models with approximately the same size.",
+                  md, csv, notes, any_synth, comp)
 
 
 def _t3_md(label, params, top1, paper) -> dict[str, str]:
@@ -613,13 +608,8 @@ def table4(df) -> Table:
         notes.append("No dense PTQ-only run in this sweep: the `baseline + N-bit PTQ` rows need run.py's dense "
                      "path (ratio=0).")
     notes.append("Paper columns: the paper's Table 4 (DeiT-B).")
-    if any_synth:
-        notes.append(SYNTHETIC_NOTE)
-    note = _settings_note(sub)
-    if note:
-        notes.append(note)
-    return Table(4, "Compatibility of the compression approach with weight quantization.",
-                 pd.DataFrame(md), pd.DataFrame(csv), notes)
+    return _table(4, "Compatibility of the compression approach with weight quantization.",
+                  md, csv, notes, any_synth, sub)
 
 
 BUILDERS = {1: table1, 2: table2, 3: table3, 4: table4}
@@ -682,6 +672,18 @@ def write_tables(tables: list[Table], out: Path, header: str | None = None) -> l
         atomic_write_text(out / f"table{t.number}.csv", t.csv.to_csv(index=False))
         written += [out / f"table{t.number}.md", out / f"table{t.number}.csv"]
     return written
+
+
+def _table(number: int, title: str, md: list, csv: list, notes: list[str], any_synth: bool, runs: Any) -> Table:
+    """A Table with the notes every table ends with: the synthetic-runs note and the settings."""
+    import pandas as pd
+
+    if any_synth:
+        notes.append(SYNTHETIC_NOTE)
+    note = _settings_note(runs)
+    if note:
+        notes.append(note)
+    return Table(number, title, pd.DataFrame(md), pd.DataFrame(csv), notes)
 
 
 def main(argv: list[str] | None = None) -> int:
