@@ -138,7 +138,8 @@ def test_hub_loads_from_local_cache_without_network(tmp_path):
 # ----------------------------------------------------------------------------- weight files
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth_model_wrapper", "pth_ddp_prefix", "bin_state_dict"])
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "pth_model_wrapper", "pth_ddp_prefix", "bin_state_dict",
+                                 "pth_ema", "pth_compiled"])
 def test_weight_file_roundtrip_is_exact(tmp_path, fmt):
     from safetensors.torch import save_file
 
@@ -153,6 +154,10 @@ def test_weight_file_roundtrip_is_exact(tmp_path, fmt):
         torch.save({"model": state, "epoch": 3}, path)
     elif fmt == "pth_ddp_prefix":
         torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    elif fmt == "pth_ema":  # a training checkpoint: the EMA weights are the ones to evaluate
+        torch.save({"state_dict": seeded_model(seed=3).state_dict(), "state_dict_ema": state}, path)
+    elif fmt == "pth_compiled":
+        torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, path)
     else:
         torch.save({"state_dict": state, "optimizer": {}}, path)
     model, info = build_model(make_cfg(f"model.weights={path}"))

@@ -18,10 +18,8 @@ from amrc_exp.io import network_available
 from amrc_exp.errors import WeightsError
 
 WEIGHTS_HINT = "set model.weights=/path/to/weights.safetensors (or model.weights=random for timing only)"
-# Checkpoint wrappers, in timm's order of preference (EMA weights first, as timm's loader does).
-STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-# Prefixes added by DistributedDataParallel and torch.compile.
-STRIP_PREFIXES = ("module.", "_orig_mod.")
+# torch.compile's parameter-name prefix (timm's loader already strips DDP's `module.`).
+COMPILE_PREFIX = "_orig_mod."
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _SHOW = 5  # how many keys of each kind an error message lists
 
@@ -113,35 +111,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                            f".safetensors/.pth file inside it; {WEIGHTS_HINT}")
     if not path.is_file():
         raise WeightsError(f"weights file not found: model.weights={str(path)!r}; {WEIGHTS_HINT}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file as load_safetensors
+    import timm.models
 
-            checkpoint: Any = load_safetensors(str(path), device="cpu")
-        else:
-            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        # timm's reader: .safetensors or torch files; the EMA weights when the checkpoint has
+        # them (state_dict_ema / model_ema), else state_dict / model; DDP's `module.` stripped.
+        checkpoint: Any = timm.models.load_state_dict(str(path), use_ema=True, device="cpu")
+    except AttributeError:  # timm's clean-up of something that is not a {name: tensor} dict
+        checkpoint = None
     except Exception as err:  # safetensors/pickle/zip errors on corrupt bytes: all unreadable
         raise WeightsError(f"cannot read weights file model.weights={str(path)!r} "
                            f"({type(err).__name__}: {err}); is it corrupt? {WEIGHTS_HINT}") from err
-    return _unwrap(checkpoint, path)
-
-
-def _unwrap(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, Mapping):
-        for key in STATE_DICT_KEYS:
-            if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
-                break
     if not isinstance(checkpoint, Mapping) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise WeightsError(f"model.weights={str(path)!r} holds no state dict (expected a "
-                           f"{{name: tensor}} dict, possibly under one of {STATE_DICT_KEYS})")
-    state_dict = {}
-    for key, value in checkpoint.items():
-        for prefix in STRIP_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state_dict[key] = value
-    return state_dict
+        raise WeightsError(f"model.weights={str(path)!r} holds no state dict (expected a {{name: tensor}} "
+                           "dict, possibly under state_dict_ema, model_ema, state_dict or model)")
+    # torch.compile's wrapper prefix, which timm's clean-up does not know.
+    return {k.removeprefix(COMPILE_PREFIX): v for k, v in checkpoint.items()}
 
 
 def load_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
