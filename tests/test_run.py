@@ -51,10 +51,58 @@ def test_results_json_has_every_stage(first_run):
                                 "autocast": {"calibrate": False, "eval": False, "finetune": False}}
 
 
-def test_wandb_offline_files_written_in_run_dir(first_run):
-    root, _, _ = first_run
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of an offline `.wandb` file, read independently of wandb's own
+    reader: a 7-byte header, then 32 KiB blocks of (crc32c:4, length:2, type:1) framed chunks
+    (1 full, 2 first, 3 middle, 4 last), the leveldb log format W&B writes."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, payloads, part = 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            payloads.append(part)
+    records = []
+    for raw in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        records.append(rec)
+    return records
+
+
+def test_wandb_offline_run_holds_tables_artifact_and_loss_curve(first_run):
+    """Read the real offline run back: the per-layer table, the stage comparison table, the
+    model artifact, the fine-tune loss history, job_type (the method) and tags."""
+    root, cfg, res = first_run
     runs = list((root / "run1" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    records = read_wandb_records(runs[0])
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    keys = {k for h in history for k in h}
+    # tables, and the bar charts keyed by layer name (W&B stores a chart's data as <key>_table)
+    assert {"layers/_type", "stages/_type", "rank_table/_type", "err_after_table/_type"} <= keys
+    losses = [float(h["finetune/loss"]) for h in history if "finetune/loss" in h]
+    assert losses == pytest.approx(res["finetune"]["loss_history"])
+    layers = next(h for h in history if "layers/_type" in h)
+    assert json.loads(layers["layers/nrows"]) == len(res["layers"]) and json.loads(layers["layers/ncols"]) == 9
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.type == "model" and a.name.startswith("model-custom") for a in artifacts)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.job_type == "custom" and "ratio=0.5" in list(run.tags) and "z_type=lowrank" in list(run.tags)
 
 
 def test_rerun_same_dir_skips_finished_job(first_run):
@@ -126,3 +174,22 @@ def test_sweep_jobs_share_a_wandb_group(monkeypatch, tmp_path, mode, group):
     finally:
         HydraConfig.instance().cfg = None
     assert seen["group"] == group
+
+
+def test_wandb_environment_variables_win_over_the_config(monkeypatch, tmp_path):
+    """WANDB_MODE=disabled turns tracking off (the config's `mode: offline` used to be passed
+    explicitly and win); WANDB_PROJECT and WANDB_ENTITY name the project and entity."""
+    import amrc_exp.experiment.tracking as tracking
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["logger=wandb", "out_dir=."])
+    seen = {}
+    monkeypatch.setattr(tracking, "WandbTracker", lambda **kw: seen.update(kw) or "wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert type(tracking.make_tracker(cfg.logger, str(tmp_path), {})) is tracking.Tracker and not seen
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_PROJECT", "theirs")
+    monkeypatch.setenv("WANDB_ENTITY", "lab")
+    assert tracking.make_tracker(cfg.logger, str(tmp_path), {}, job_type="ours", tags=["deit"]) == "wandb"
+    assert (seen["project"], seen["entity"], seen["mode"], seen["job_type"], seen["tags"]) == \
+        ("theirs", "lab", "offline", "ours", ["deit"])

@@ -106,7 +106,8 @@ class DataConfig:
 class LoggerConfig:
     name: LoggerName = LoggerName("wandb")
     mode: LoggerMode = LoggerMode("offline")
-    project: str = "amrc_exp"
+    project: str = "amrc_exp"  # WANDB_PROJECT wins
+    entity: Optional[str] = None  # WANDB_ENTITY wins
     group: Optional[str] = None
     init_timeout: float = 5.0  # seconds an online W&B init may take before the run logs offline
 

@@ -78,7 +78,11 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             kept = n0 - check_budget(find_layers(model), n0, rc.amrc())
         bytes_per = next(model.parameters()).element_size()
         check_free_space(out_dir, kept * bytes_per + EXPORT_MARGIN)  # the export, known now: fail before the work
-        tracker = make_tracker(rc.logger, str(out_dir), config, name=out_dir.name)
+        job_type, label, tags = _tracking_labels(rc)
+        tracker = make_tracker(rc.logger, str(out_dir), config, name=f"{label} [{out_dir.name}]",
+                               job_type=job_type, tags=tags)
+        for i, loss in enumerate(model_info.get("epoch_losses") or []):  # the embedded model's training
+            tracker.log({"train/loss": loss, "train/epoch": i + 1})
         res.model, res.data = model_info, splits.describe()
         res.synthetic = bool(splits.synthetic or model_info.get("random_weights"))
         val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
@@ -87,7 +91,6 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         res.size_mib_dense_fp16 = model_size_mib(model, bits=0)
         with timer("eval_baseline"):
             res.top1_baseline = top1(model, val_loader, device, amp, desc="eval baseline")
-        tracker.log({"top1/baseline": res.top1_baseline, "params/before": n0})
 
         if rc.compress:
             report, cached = compress_stages(model, splits, rc, device, autocast["calibrate"], timer)
@@ -95,12 +98,12 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             _log_layers(tracker, report)
             with timer("eval_compressed"):
                 res.top1_compressed = top1(model, val_loader, device, amp, desc="eval compressed")
-            tracker.log({"top1/compressed": res.top1_compressed, "params/after": res.params_after})
             res.finetune = _finetune(model, splits, rc, device, autocast["finetune"], timer)
+            for i, loss in enumerate(res.finetune["loss_history"]):
+                tracker.log({"finetune/loss": loss, "finetune/epoch": i + 1})
             if rc.finetune.epochs:
                 with timer("eval_finetuned"):
                     res.top1_finetuned = top1(model, val_loader, device, amp, desc="eval finetuned")
-                tracker.log({"top1/finetuned": res.top1_finetuned})
         else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
             res.params_after, res.ratio_achieved, res.layers = n0, 0.0, []
         res.size_mib_compressed_fp16 = model_size_mib(model, bits=0)
@@ -110,7 +113,6 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
                 quantize_(model, rc.ptq.bits)
                 res.size_mib_ptq = model_size_mib(model, bits=rc.ptq.bits)
                 res.top1_ptq = top1(model, val_loader, device, amp, desc="eval ptq")
-            tracker.log({"top1/ptq": res.top1_ptq})
 
         with timer("export"):
             # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
@@ -130,7 +132,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         res.throughput = _throughput_pair(rc, splits, model, device, amp, build_model)
         res.seconds, res.status = timer.seconds, "complete"
         out = write_result(out_dir, res)
-        tracker.summary({k: v for k, v in out.items() if isinstance(v, (int, float))})
+        _log_result(tracker, out, out_dir, label)
         print_summary(out)
         return out
     except BaseException as err:
@@ -200,13 +202,44 @@ def _throughput_pair(rc: RunConfig, splits, model, device, amp, build_model) -> 
             "speedup": compressed_ips / dense_ips}
 
 
+def _tracking_labels(rc: RunConfig) -> tuple[str, str, list[str]]:
+    """W&B job_type (the method), a readable run name and tags (model, ratio, decomp, Z)."""
+    job_type = rc.method or ("dense" if not rc.compress else "custom")
+    budget = "dense" if not rc.compress else (f"params={rc.target_params}" if rc.target_params else f"ratio={rc.ratio}")
+    label = f"{job_type} {rc.model.name} {budget}" + (f" ptq{rc.ptq.bits}" if rc.ptq.bits else "")
+    tags = [rc.model.name, budget, f"decomp={rc.decomp.name}", f"z_type={rc.z_type.name}",
+            f"solver={rc.zfit.solver}", f"data={rc.data.name}"]
+    return job_type, label, tags
+
+
+STAGES = (("baseline", "top1_baseline", "params_before", "size_mib_dense_fp16"),
+          ("compressed", "top1_compressed", "params_after", "size_mib_compressed_fp16"),
+          ("finetuned", "top1_finetuned", "params_after", "size_mib_compressed_fp16"),
+          ("ptq", "top1_ptq", "params_after", "size_mib_ptq"))
+
+
+def _log_result(tracker: Tracker, res: dict[str, Any], out_dir: Path, label: str) -> None:
+    """The numbers as summary values, the stages side by side in one table, and the export +
+    results.json as a versioned model artifact (one name per config, so reruns add versions)."""
+    tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
+    tracker.table("stages", ["stage", "top1", "params", "size_mib"],
+                  [[stage, res[top], res.get(params), res.get(size)] for stage, top, params, size in STAGES
+                   if res.get(top) is not None])
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
+    tracker.artifact(f"model-{name}", "model", [out_dir / "model"], [out_dir / RESULTS],
+                     {"top1": res.get("top1"), "params": res.get("params_after"), "synthetic": res.get("synthetic")})
+
+
+LAYER_COLUMNS = ("name", "n_in", "n_out", "rank", "rank_cap", "energy_loss", "err_before", "err_after", "z_params")
+
+
 def _log_layers(tracker: Tracker, report: CompressionReport) -> None:
     rows = report.layers
     names = [r.name for r in rows]
+    tracker.table("layers", LAYER_COLUMNS, [[getattr(r, c) for c in LAYER_COLUMNS] for r in rows])
     tracker.bar("rank", names, [r.rank or 0 for r in rows], "Rank per layer (0 = dense)")
-    tracker.lines("layer_error", list(range(len(rows))),
-                  [[r.err_before for r in rows], [r.err_after for r in rows]],
-                  ["before Z", "after Z"], "Held-out normalized error per layer (Fig 3)", "layer")
+    tracker.bar("err_before", names, [r.err_before for r in rows], "Held-out normalized error per layer, before Z (Fig 3)")
+    tracker.bar("err_after", names, [r.err_after for r in rows], "Held-out normalized error per layer, after Z (Fig 3)")
     curves = list(report.energy_curves.values())
     width = max(len(c) for c in curves)
     tracker.lines("energy_loss", list(range(width)),

@@ -32,6 +32,13 @@ class Tracker:
               names: Sequence[str], title: str, xname: str) -> None:
         pass
 
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        pass
+
+    def artifact(self, name: str, kind: str, dirs: Sequence[Path], files: Sequence[Path],
+                 metadata: dict[str, Any]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -65,7 +72,8 @@ def _say_once_per_sweep(message: str) -> None:
 
 class WandbTracker(Tracker):
     def __init__(self, *, project: str, group: str | None, mode: str, run_dir: str,
-                 config: dict[str, Any], name: str | None = None, init_timeout: float = 5.0) -> None:
+                 config: dict[str, Any], name: str | None = None, init_timeout: float = 5.0,
+                 entity: str | None = None, job_type: str | None = None, tags: Sequence[str] = ()) -> None:
         import wandb
 
         if mode == "online" and not _has_credentials():
@@ -76,18 +84,18 @@ class WandbTracker(Tracker):
         # Bounded: with a wrong key or no network W&B would retry for its default 60 s per job.
         settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout)
         try:
-            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
-                                  config=config, name=name, reinit="finish_previous",
-                                  settings=settings)
+            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir, config=config, name=name,
+                                  reinit="finish_previous", settings=settings, entity=entity, job_type=job_type,
+                                  tags=list(tags))
         except Exception as err:  # noqa: BLE001 - any online failure must not kill the run
             if mode == "offline":
                 raise
             _say_once_per_sweep(f"W&B online init failed within logger.init_timeout={init_timeout:g}s "
                                 f"({type(err).__name__}); logging offline into the run directory instead")
             mode = "offline"
-            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir,
-                                  config=config, name=name, reinit="finish_previous",
-                                  settings=settings)
+            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir, config=config, name=name,
+                                  reinit="finish_previous", settings=settings, entity=entity, job_type=job_type,
+                                  tags=list(tags))
         self.mode = mode
         self._wandb = wandb
         self._broken = False
@@ -125,18 +133,37 @@ class WandbTracker(Tracker):
         self._guard("line plot", lambda: self.run.log({key: self._wandb.plot.line_series(
             xs=list(xs), ys=[list(y) for y in ys], keys=list(names), title=title, xname=xname)}))
 
+    def table(self, key, columns, rows) -> None:
+        self._guard("table", lambda: self.run.log({key: self._wandb.Table(columns=list(columns),
+                                                                            data=[list(r) for r in rows])}))
+
+    def artifact(self, name, kind, dirs, files, metadata) -> None:
+        def log_artifact() -> None:
+            art = self._wandb.Artifact(name, type=kind, metadata=metadata)
+            for d in dirs:
+                art.add_dir(str(d), name=Path(d).name)
+            for f in files:
+                art.add_file(str(f))
+            self.run.log_artifact(art)
+
+        self._guard("artifact", log_artifact)
+
     def finish(self) -> None:
         self._broken = False  # always try to close the run
         self._guard("finish", self.run.finish)
 
 
-def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None) -> Tracker:
-    """Build the tracker selected by the `logger` group."""
-    if logger_cfg.name == "none" or logger_cfg.mode == "disabled":
+def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None,
+                 job_type: str | None = None, tags: Sequence[str] = ()) -> Tracker:
+    """Build the tracker selected by the `logger` group. W&B's own variables win over the
+    config, as W&B users expect: WANDB_MODE (e.g. disabled), WANDB_PROJECT, WANDB_ENTITY."""
+    mode = os.environ.get("WANDB_MODE") or str(logger_cfg.mode)
+    if logger_cfg.name == "none" or mode == "disabled":
         return Tracker()
-    return WandbTracker(project=logger_cfg.project, group=logger_cfg.group or sweep_group(),
-                        mode=str(logger_cfg.mode), run_dir=run_dir, config=config, name=name,
-                        init_timeout=float(logger_cfg.init_timeout))
+    return WandbTracker(project=os.environ.get("WANDB_PROJECT") or logger_cfg.project,
+                        entity=os.environ.get("WANDB_ENTITY") or logger_cfg.entity,
+                        group=logger_cfg.group or sweep_group(), mode=mode, run_dir=run_dir, config=config,
+                        name=name, init_timeout=float(logger_cfg.init_timeout), job_type=job_type, tags=tags)
 
 
 def sweep_group() -> str | None:

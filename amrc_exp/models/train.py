@@ -64,11 +64,13 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     model.train()
     start = time.perf_counter()
     correct = seen = 0
+    epoch_losses: list[float] = []
     with tqdm(total=total_steps, desc=f"train {cfg.model.name}", unit="step",
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         for epoch in range(int(train_cfg.epochs)):
             # Counted on the device and read once per epoch: no host sync per step on a GPU.
             correct_t, seen = torch.zeros((), dtype=torch.long, device=device), 0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for step, (images, labels) in enumerate(loader):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = model(images)
@@ -80,11 +82,13 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
                 optimizer.step()
                 schedule.step()
                 correct_t += (logits.argmax(-1) == labels).sum()
+                loss_sum += loss.detach().double()
                 seen += len(labels)
                 if step % LOG_EVERY == 0:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
             correct = int(correct_t)
+            epoch_losses.append(round(float(loss_sum) / max(1, len(loader)), 5))  # mean train loss (W&B curve)
             bar.write(f"epoch {epoch + 1}/{int(train_cfg.epochs)}: last loss {loss.item():.3f}, "
                       f"train top-1 {100.0 * correct / max(seen, 1):.2f}, {time.perf_counter() - start:.0f}s")
     train_seconds = time.perf_counter() - start
@@ -97,6 +101,7 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
         "test_top1": round(test_top1, 3),
         "epochs": int(train_cfg.epochs),
         "steps": total_steps,
+        "epoch_losses": epoch_losses,
     }
 
 
