@@ -47,6 +47,15 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_key(fields: dict[str, Any], length: int = 16) -> str:
     """Stable hash of exactly the config fields a cached artefact depends on."""
     blob = json.dumps(fields, sort_keys=True, default=_jsonable).encode()

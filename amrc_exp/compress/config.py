@@ -84,6 +84,10 @@ def check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None
         raise ConfigError(key, value, allowed)
 
 
+def optional_positive_int(key: str, value: Any) -> None:
+    check(key, value, lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+
+
 def positive_int(key: str, value: Any) -> None:
     check(key, value, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
 
@@ -181,8 +185,7 @@ class AMRCConfig:
 
     def __post_init__(self) -> None:
         check("ratio", self.ratio, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
-        check("target_params", self.target_params, lambda v: v is None or (isinstance(v, int) and v >= 1),
-              "null or an integer >= 1")
+        optional_positive_int("target_params", self.target_params)
         check("seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 
     def params_to_remove(self, n0: int) -> int:

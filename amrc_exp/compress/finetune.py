@@ -68,10 +68,10 @@ def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight
             sched.step()
             running, steps = running + loss.detach().double(), steps + 1
             bar.update()
-            if steps % CHECK_EVERY == 0 or steps == len(loader):
+            if steps % CHECK_EVERY == 0:
                 _check_finite(running, loss)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        _check_finite(running, loss if steps else None)
+        _check_finite(running, loss if steps else None)  # the epoch's end
         history.append(float(running) / max(steps, 1))
     bar.close()
     model.eval()

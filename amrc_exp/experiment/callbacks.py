@@ -8,7 +8,6 @@ results.json (a user-fixable error: `run` writes failed.json, validation errors 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -17,10 +16,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from amrc_exp.experiment.results import FAILED, RESULTS
+from amrc_exp.experiment.results import FAILED, failure_reason, is_complete
 
 log = logging.getLogger(__name__)
-OUTPUTS = (RESULTS, "sensitivity.json")  # a job's complete result, per app
 
 
 class SweepSummary(Callback):
@@ -42,7 +40,7 @@ class SweepSummary(Callback):
             err = job_return._return_value
             why = f"{type(err).__name__}: {err}"
         elif _failed_since(out_dir, self._job_started):
-            why = _why(out_dir)
+            why = failure_reason(out_dir)
         else:
             return
         log.error("job FAILED in %s: %s (rerun the sweep command to retry it)", out_dir, why)
@@ -51,32 +49,15 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = [d for d in sweep_dir.iterdir() if d.is_dir()] if sweep_dir.is_dir() else []
         failed = sorted(d for d in jobs if _failed_since(d, self._sweep_started))
-        done = sum(_complete(d) for d in jobs)
+        done = sum(is_complete(d) for d in jobs)
         log.info("sweep %s: %d complete job(s), %d failed; tables: python -m amrc_exp.report.tables %s, "
                  "figures: python -m amrc_exp.report.figures", sweep_dir, done, len(failed), sweep_dir)
         if failed:
             print(f"amrc_exp: error: {len(failed)} job(s) of the sweep failed (see failed.json in each):\n"
-                  + "\n".join(f"  {d}: {_why(d)}" for d in failed), file=sys.stderr, flush=True)
+                  + "\n".join(f"  {d}: {failure_reason(d)}" for d in failed), file=sys.stderr, flush=True)
             sys.exit(2)
 
 
 def _failed_since(job_dir: Path, since: float) -> bool:
     failed = job_dir / FAILED
-    return failed.exists() and failed.stat().st_mtime >= since - 1 and not _complete(job_dir)
-
-
-def _complete(job_dir: Path) -> bool:
-    for name in OUTPUTS:
-        try:
-            if json.loads((job_dir / name).read_text()).get("status") == "complete":
-                return True
-        except (OSError, ValueError, AttributeError):
-            pass
-    return False
-
-
-def _why(job_dir: Path) -> str:
-    try:
-        return json.loads((job_dir / FAILED).read_text()).get("error", "see failed.json")
-    except (OSError, ValueError, AttributeError):
-        return "see failed.json"
+    return failed.exists() and failed.stat().st_mtime >= since - 1 and not is_complete(job_dir)

@@ -30,6 +30,7 @@ from amrc_exp.compress.config import (
     choices,
     non_negative_float,
     non_negative_int,
+    optional_positive_int,
     positive_float,
     positive_int,
 )
@@ -43,8 +44,12 @@ DataName, LoggerName, LoggerMode, Device = (choices(n, v) for n, v in (
     ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES)))
 
 
-def _optional_positive_int(key: str, value: Any) -> None:
-    check(key, value, lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+def _check_recipe(prefix: str, recipe: Any) -> None:
+    """The checks every training recipe shares (TrainConfig, FinetuneConfig)."""
+    non_negative_int(f"{prefix}.epochs", recipe.epochs)
+    positive_float(f"{prefix}.lr", recipe.lr)
+    positive_int(f"{prefix}.batch_size", recipe.batch_size)
+    non_negative_float(f"{prefix}.weight_decay", recipe.weight_decay)
 
 
 @dataclass
@@ -57,10 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.05
 
     def __post_init__(self) -> None:
-        non_negative_int("model.train.epochs", self.epochs)
-        positive_float("model.train.lr", self.lr)
-        positive_int("model.train.batch_size", self.batch_size)
-        non_negative_float("model.train.weight_decay", self.weight_decay)
+        _check_recipe("model.train", self)
 
 
 @dataclass
@@ -96,8 +98,8 @@ class DataConfig:
         self.name = as_choice(DataName, "data.name", self.name)
         for key in ("num_classes", "num_train", "num_val"):
             positive_int(f"data.{key}", getattr(self, key))
-        _optional_positive_int("data.finetune_subset", self.finetune_subset)
-        _optional_positive_int("data.eval_subset", self.eval_subset)
+        optional_positive_int("data.finetune_subset", self.finetune_subset)
+        optional_positive_int("data.eval_subset", self.eval_subset)
         check("data.num_workers", self.num_workers, lambda v: v is None or (isinstance(v, int) and v >= 0),
               "null (by device) or an integer >= 0")
 
@@ -136,10 +138,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        non_negative_int("finetune.epochs", self.epochs)
-        positive_float("finetune.lr", self.lr)
-        positive_int("finetune.batch_size", self.batch_size)
-        non_negative_float("finetune.weight_decay", self.weight_decay)
+        _check_recipe("finetune", self)
 
 
 @dataclass

@@ -17,7 +17,6 @@ and returns the model in eval mode: its logits equal the saved model's bit for b
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amrc_exp.errors import WeightsError
-from amrc_exp.io import atomic_path, atomic_write_json, read_json
+from amrc_exp.io import atomic_path, atomic_write_json, file_sha256, read_json
 from amrc_exp.compress.lowrank import LowRankLinear, count_params
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "MANIFEST_FILE", "save_compressed", "load_compressed", "default_create_kwargs"]
@@ -72,14 +71,6 @@ def default_create_kwargs(model: nn.Module) -> dict[str, Any]:
 def _model_name(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _build_skeleton(model_name: str, create_kwargs: dict[str, Any], layers: dict[str, dict],
@@ -145,7 +136,7 @@ def save_compressed(
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     manifest = {
         "format": FORMAT,
         "model_name": model_name,
@@ -174,7 +165,7 @@ def load_compressed(out_dir: str | os.PathLike, device: torch.device | str = "cp
     manifest = read_json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise WeightsError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if _sha256(weights_path) != manifest["weights_sha256"]:
+    if file_sha256(weights_path) != manifest["weights_sha256"]:
         raise WeightsError(f"{weights_path} does not belong to {manifest_path} (SHA-256 mismatch)")
     dtype = getattr(torch, manifest["dtype"])
     layers = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in manifest["layers"]}

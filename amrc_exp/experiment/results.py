@@ -7,12 +7,13 @@ the job) and `FAILED` (why it failed; never read as a result, so a rerun retries
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from amrc_exp.io import atomic_write_json, read_json
+from amrc_exp.io import atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -77,17 +78,8 @@ def input_identity(weights: str, data_name: str, data_root: Optional[str]) -> di
     by `finished_result` and re-checked by the tables."""
     from amrc_exp.data import data_identity
 
-    weights_sha = None
-    if str(weights) not in WEIGHT_SOURCES:
-        path = Path(str(weights)).expanduser()
-        if path.is_file():
-            import hashlib
-
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            weights_sha = h.hexdigest()
+    path = Path(str(weights)).expanduser()
+    weights_sha = file_sha256(path) if str(weights) not in WEIGHT_SOURCES and path.is_file() else None
     return {"weights_sha256": weights_sha, "data_sha256": data_identity(str(data_name), data_root)}
 
 
@@ -118,6 +110,32 @@ def finished_result(path: Path, config: dict[str, Any], inputs: dict[str, Any] |
     if inputs is not None and previous.get("inputs") != inputs:
         same = False  # the weights file or the data changed under the same config
     return previous if previous.get("status") == "complete" and same else None
+
+
+OUTPUTS = (RESULTS, "sensitivity.json")  # a job's complete result, per app (run, sensitivity)
+
+
+def is_complete(job_dir: Path) -> bool:
+    """The job directory holds a readable result with status complete."""
+    for name in OUTPUTS:
+        try:
+            if json.loads((job_dir / name).read_text()).get("status") == "complete":
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def job_state(job_dir: Path) -> str:
+    """done (a complete result), failed (a failed.json and no result) or pending."""
+    return "done" if is_complete(job_dir) else "failed" if (job_dir / FAILED).exists() else "pending"
+
+
+def failure_reason(job_dir: Path) -> str:
+    try:
+        return json.loads((job_dir / FAILED).read_text()).get("error", "see failed.json")
+    except (OSError, ValueError, AttributeError):
+        return "see failed.json"
 
 
 def write_failed(out_dir: Path, res: dict[str, Any], err: BaseException) -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from amrc_exp import CONF_DIR
-from amrc_exp.experiment.callbacks import OUTPUTS, _complete
-from amrc_exp.experiment.results import FAILED
+from amrc_exp.experiment.results import OUTPUTS, job_state
 
 
 @dataclass
@@ -63,8 +62,7 @@ def list_jobs(config_dir: str | Path, config_name: str, overrides: list[str]) ->
                                         job_cfg.item_sep, job_cfg.kv_sep)
         subdir = config.job_dirname(dirname) if named else str(len(jobs))  # the root config numbers jobs
         path = sweep_dir / subdir
-        state = "done" if _complete(path) else "failed" if (path / FAILED).exists() else "pending"
-        jobs.append(Job(job, path, state))
+        jobs.append(Job(job, path, job_state(path)))
     config.register_schema()
     return jobs
 

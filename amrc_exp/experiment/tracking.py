@@ -83,19 +83,21 @@ class WandbTracker(Tracker):
         os.makedirs(run_dir, exist_ok=True)
         # Bounded: with a wrong key or no network W&B would retry for its default 60 s per job.
         settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout)
+
+        def init(mode: str):
+            return wandb.init(project=project, group=group, mode=mode, dir=run_dir, config=config, name=name,
+                              reinit="finish_previous", settings=settings, entity=entity, job_type=job_type,
+                              tags=list(tags))
+
         try:
-            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir, config=config, name=name,
-                                  reinit="finish_previous", settings=settings, entity=entity, job_type=job_type,
-                                  tags=list(tags))
+            self.run = init(mode)
         except Exception as err:  # noqa: BLE001 - any online failure must not kill the run
             if mode == "offline":
                 raise
             _say_once_per_sweep(f"W&B online init failed within logger.init_timeout={init_timeout:g}s "
                                 f"({type(err).__name__}); logging offline into the run directory instead")
             mode = "offline"
-            self.run = wandb.init(project=project, group=group, mode=mode, dir=run_dir, config=config, name=name,
-                                  reinit="finish_previous", settings=settings, entity=entity, job_type=job_type,
-                                  tags=list(tags))
+            self.run = init(mode)
         self.mode = mode
         self._wandb = wandb
         self._broken = False

@@ -723,14 +723,11 @@ def main(argv: list[str] | None = None) -> int:
 def _unfinished_jobs(dirs: list[str]) -> tuple[list[Path], list[Path]]:
     """Job directories (those Hydra wrote a .hydra/ into) without a complete result: failed ones
     (a failed.json) and pending ones (killed, or not run yet)."""
-    failed, pending = [], []
-    for root in map(Path, dirs):
-        for hydra_dir in sorted(root.rglob(".hydra")):
-            job = hydra_dir.parent
-            if any((job / n).exists() for n in ("results.json", "sensitivity.json")):
-                continue
-            (failed if (job / "failed.json").exists() else pending).append(job)
-    return failed, pending
+    from amrc_exp.experiment.results import job_state
+
+    jobs = [d.parent for root in map(Path, dirs) for d in sorted(root.rglob(".hydra"))]
+    states = {job: job_state(job) for job in jobs}
+    return ([j for j in jobs if states[j] == "failed"], [j for j in jobs if states[j] == "pending"])
 
 
 if __name__ == "__main__":
