@@ -12,7 +12,7 @@ import torch
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ValidationError
 
-from amrc_exp.compress.config import SCHEDULES_AND_UNIFORM
+from amrc_exp.compress.config import ALLOCATORS
 from amrc_exp.experiment.config import DATASETS, LOGGERS, validate
 from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
@@ -44,7 +44,7 @@ def test_every_option_composes_and_validates(group):
 def test_group_options_match_what_the_code_implements():
     """Every implemented choice has a config option and every option an implementation (the
     registries the checks read: decompositions, schedules, Z types, datasets, loggers)."""
-    for group, allowed in (("data", DATASETS), ("decomp", METHODS), ("schedule", SCHEDULES_AND_UNIFORM),
+    for group, allowed in (("data", DATASETS), ("decomp", METHODS), ("schedule", ALLOCATORS),
                            ("z_type", Z_TYPES), ("logger", LOGGERS)):
         assert set(_options(group)) == set(allowed), group
 

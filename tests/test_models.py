@@ -261,11 +261,38 @@ def test_train_then_cache_roundtrip_and_corrupt_entry(tiny_fmnist):
         assert build_model(cfg, splits)[1]["cached"] is True
 
 
+def test_training_is_bit_identical_whatever_the_callers_thread_count(tiny_fmnist):
+    """The thread count changes float summation order; training pins it (TRAIN_THREADS), so a
+    sweep's OMP_NUM_THREADS=1 and a default 2-thread run give the same checkpoint. Fails if the
+    pin is removed (1 vs 2 threads differ after a few steps on this CPU)."""
+    from amrc_exp.data import build_splits
+    from amrc_exp.models import _seeded_model
+    from amrc_exp.models.train import train_embedded
+
+    cfg = make_cfg(f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=32",
+                   "calib.num_samples=32", "calib.heldout_samples=16", "data.finetune_subset=null")
+    splits = build_splits(cfg)
+    before = torch.get_num_threads()
+    trained = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = _seeded_model(cfg, 0)
+            info = train_embedded(model, splits, cfg)
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+            trained.append(model)
+    finally:
+        torch.set_num_threads(before)
+    assert info["threads"] == 2 and info["torch"] == torch.__version__ and info["cpu_capability"]
+    assert_same_weights(*trained)
+
+
 def test_cache_key_depends_on_exactly_the_training_fields():
     base = make_cfg()
     key = lambda *o: cache_paths(make_cfg(*o))[0].name  # noqa: E731
-    assert key() == key("ratio=0.3", "z_type=diagonal", "calib.num_samples=512", "finetune.epochs=1")
-    for override in ("model.train.lr=1e-3", "model.train.epochs=3", "seed=1", "data.root=/elsewhere",
+    # The run seed (calibration sampling, fine-tune order) compresses the same trained model.
+    assert key() == key("ratio=0.3", "z_type=diagonal", "calib.num_samples=512", "finetune.epochs=1", "seed=1")
+    for override in ("model.train.lr=1e-3", "model.train.epochs=3", "model.train.seed=1", "data.root=/elsewhere",
                      "+model.kwargs.drop_path_rate=0.1", "model=fmnist_vit_small"):
         assert key(override) != key(), override
     assert embedded_cache_fields(base)["model"]["arch"]["patch_size"] == 4

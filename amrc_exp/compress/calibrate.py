@@ -14,6 +14,9 @@ For every compressible linear layer we stream, over the proxy dataset D (Sec 4.1
 * ``X_rep = (1/N) Σ_i X_i``  (tokens × in, float64): the representative input of Eq 7 that
   the paper's literal ``asvd_mean`` decomposition uses.
 
+* ``abs_mean``: the mean ``|x_c|`` per input channel over every token (ASVD's scaling), and,
+  when asked for (``gram=True``), ``G = Σ_i X_iᵀ X_i`` unnormalised (SVD-LLM's whitening).
+
 Memory is O(Σ_l in_l² + tokens·in_l) whatever the number of samples: each batch's scaled
 Gram is formed in float32 on the model's device and added into a float64 accumulator; no
 activation is kept beyond the forward that produced it.
@@ -36,7 +39,7 @@ import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +48,8 @@ from tqdm.auto import tqdm
 from amrc_exp.compress.config import DEFAULT_PATTERNS
 from amrc_exp.compress.evaluate import autocast_for
 from amrc_exp.errors import AmrcError
+from amrc_exp.compress.probe import Probe, take_probe
+from amrc_exp.math.decompose import STATISTICS
 
 __all__ = [
     "CalibStats",
@@ -93,6 +98,10 @@ class LayerStats:
         n_tokens: tokens per image at this layer's input (Swin: the stage's H·W, plus any
             window padding).
         n_skipped: images whose output energy ``||X_i W||²`` was exactly zero.
+        abs_mean: mean ``|x_c|`` per input channel over all tokens and images (in, float64).
+        G: ``Σ_i X_iᵀ X_i`` (in × in, float64), only when collected with ``gram=True``.
+        fisher: per output neuron, the summed empirical Fisher information of its weights
+            (out, float64; `fisher_rows`), only for decompositions that need it.
     """
 
     H: torch.Tensor
@@ -100,6 +109,9 @@ class LayerStats:
     n_samples: int
     n_tokens: int
     n_skipped: int = 0
+    abs_mean: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+    fisher: Optional[torch.Tensor] = None
 
     @property
     def n_effective(self) -> int:
@@ -107,17 +119,27 @@ class LayerStats:
         return self.n_samples - self.n_skipped
 
     def to(self, device: torch.device | str) -> "LayerStats":
-        return LayerStats(self.H.to(device), self.x_rep.to(device), self.n_samples,
-                          self.n_tokens, self.n_skipped)
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
+        return LayerStats(self.H.to(device), self.x_rep.to(device), self.n_samples, self.n_tokens,
+                          self.n_skipped, move(self.abs_mean), move(self.G), move(self.fisher))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics by name (as `amrc_exp.math.decompose.STATISTICS` names them), present ones only."""
+        return {n: t for n in STATISTICS if (t := getattr(self, n)) is not None}
 
 
 class _Accumulator:
     """Float64 running sums for one layer, fed by a forward hook."""
 
-    def __init__(self, name: str, layer: nn.Linear) -> None:
+    def __init__(self, name: str, layer: nn.Linear, gram: bool = False) -> None:
         self.name = name
         self.layer = layer
+        self.gram = gram
         self.H: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None
         self.x_sum: torch.Tensor | None = None
         self.n_samples = 0
         self.skipped: torch.Tensor | int = 0
@@ -153,8 +175,12 @@ class _Accumulator:
             scale = torch.where(keep, energy.clamp_min(1e-300).rsqrt(), 0.0).float()
             xs = (x * scale[:, None, None]).reshape(-1, C)
             gram = xs.T @ xs  # float32, (C, C)
+            abs_sum = x.abs().sum(dim=(0, 1))  # (C,)
+            raw = x.reshape(-1, C).T @ x.reshape(-1, C) if self.gram else None
         if self.H is None:
             self.H = torch.zeros(C, C, dtype=torch.float64, device=x.device)
+            self.abs_sum = torch.zeros(C, dtype=torch.float64, device=x.device)
+            self.G = torch.zeros(C, C, dtype=torch.float64, device=x.device) if self.gram else None
             self.x_sum = torch.zeros(x.shape[1], C, dtype=torch.float64, device=x.device)
             self.n_tokens = x.shape[1]
         elif x.shape[1] != self.n_tokens:
@@ -164,6 +190,9 @@ class _Accumulator:
             )
         self.H += gram.double()
         self.x_sum += x_sum.double()
+        self.abs_sum += abs_sum.double()
+        if raw is not None:
+            self.G += raw.double()
         self.n_samples += B
         self.skipped = self.skipped + (~keep).sum()  # a device counter: read once, in result()
 
@@ -186,6 +215,8 @@ class _Accumulator:
             n_samples=self.n_samples,
             n_tokens=int(self.n_tokens),
             n_skipped=int(self.skipped),
+            abs_mean=self.abs_sum / (self.n_samples * int(self.n_tokens)),
+            G=self.G,
         )
 
 
@@ -228,6 +259,7 @@ def collect_stats(
     device: torch.device | str | None = None,
     amp: bool = False,
     desc: str = "calibrate",
+    gram: bool = False,
 ) -> dict[str, LayerStats]:
     """Stream H and X_rep (see module docstring) for `layers` over `num_samples` images.
 
@@ -241,6 +273,7 @@ def collect_stats(
         amp: bf16 autocast for the forward on CUDA (the statistics are still accumulated in
             float32/float64).
         desc: tqdm description.
+        gram: also accumulate the unnormalised Gram G (SVD-LLM's statistic).
 
     Returns:
         ``{name: LayerStats}`` in the order of `layers`.
@@ -254,7 +287,7 @@ def collect_stats(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    accs = {name: _Accumulator(name, layer) for name, layer in layers.items()}
+    accs = {name: _Accumulator(name, layer, gram) for name, layer in layers.items()}
     handles = [layer.register_forward_hook(accs[name]) for name, layer in layers.items()]
     was_training = model.training
     model.eval()
@@ -297,11 +330,14 @@ class CalibStats:
         heldout: statistics of held-out images (the residual errors of Tab 1 and Fig 3).
         chunks: statistics of consecutive calibration chunks, one per GD mini-batch (Sec 4.1
             item 4); empty when the Z fit uses the full set. ``calib`` is their merge.
+        probe: a few labelled calibration images, for the allocations and decompositions that
+            measure the model's output (`amrc_exp.compress.probe`); None when none is needed.
     """
 
     calib: dict[str, LayerStats]
     heldout: dict[str, LayerStats]
     chunks: list[dict[str, LayerStats]] = field(default_factory=list)
+    probe: Optional["Probe"] = None
 
     @property
     def n_minibatches(self) -> int:
@@ -312,12 +348,13 @@ class CalibStats:
         """`calib` and `heldout` on `device`; the chunks stay put (they can be large: DeiT-B's
         16 are ~17 GiB) and are moved group by group by the Z fit."""
         return CalibStats({k: s.to(device) for k, s in self.calib.items()},
-                          {k: s.to(device) for k, s in self.heldout.items()}, self.chunks)
+                          {k: s.to(device) for k, s in self.heldout.items()}, self.chunks, self.probe)
 
     @classmethod
-    def from_chunks(cls, chunks: list[dict[str, LayerStats]], heldout: dict[str, LayerStats]) -> "CalibStats":
+    def from_chunks(cls, chunks: list[dict[str, LayerStats]], heldout: dict[str, LayerStats],
+                    probe: Optional["Probe"] = None) -> "CalibStats":
         """`calib` = the merge of `chunks`; a single chunk is the full set (no mini-batches)."""
-        return cls(merge_stats(chunks), heldout, chunks if len(chunks) > 1 else [])
+        return cls(merge_stats(chunks), heldout, chunks if len(chunks) > 1 else [], probe)
 
 
 def merge_stats(parts: list[dict[str, LayerStats]]) -> dict[str, LayerStats]:
@@ -328,8 +365,16 @@ def merge_stats(parts: list[dict[str, LayerStats]]) -> dict[str, LayerStats]:
         n = sum(p.n_samples for p in ps)
         merged[name] = LayerStats(H=sum(p.H for p in ps), x_rep=sum(p.x_rep * p.n_samples for p in ps) / n,
                                   n_samples=n, n_tokens=ps[0].n_tokens,
-                                  n_skipped=sum(p.n_skipped for p in ps))
+                                  n_skipped=sum(p.n_skipped for p in ps),
+                                  abs_mean=_weighted_mean([p.abs_mean for p in ps], [p.n_samples for p in ps]),
+                                  G=None if any(p.G is None for p in ps) else sum(p.G for p in ps))
     return merged
+
+
+def _weighted_mean(values: list[Optional[torch.Tensor]], weights: list[int]) -> Optional[torch.Tensor]:
+    if any(v is None for v in values):
+        return None
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
 
 # Per-mini-batch Grams on the CPU: 2 GiB (DeiT-B's 16 chunks, ~17 GiB, fall back to the full
@@ -397,11 +442,15 @@ def calibrate(
     layers: dict[str, nn.Linear] | None = None,
     device: torch.device | str | None = None,
     amp: bool = False,
+    gram: bool = False,
+    probe_samples: int = 0,
 ) -> CalibStats:
     """Stream the statistics of `layers` (default: `find_layers(model)`) over the first
     `num_samples` calibration images (default: the loader's dataset size) and `heldout_samples`
     held-out images; with `chunk_size`, also per consecutive chunk of that many calibration
-    images (the GD mini-batches, see `gd_chunk_size`). Loaders yield images or (images, ...)."""
+    images (the GD mini-batches, see `gd_chunk_size`). Loaders yield images or (images, ...).
+    `gram`: also the unnormalised Gram G of the calibration set (SVD-LLM); `probe_samples`: keep
+    that many first calibration images (and labels) as the probe."""
     layers = find_layers(model) if layers is None else layers
     n_calib = _loader_size(calib_loader) if num_samples is None else num_samples
     n_held = _loader_size(heldout_loader) if heldout_samples is None else heldout_samples
@@ -412,5 +461,6 @@ def calibrate(
     for i, start in enumerate(range(0, n_calib, chunk)):
         size = min(chunk, n_calib - start)
         chunks.append(collect_stats(model, source.take(size), layers, size, device, amp,
-                                    desc=f"calibrate calib/{i:04d}"))
-    return CalibStats.from_chunks(chunks, heldout)
+                                    desc=f"calibrate calib/{i:04d}", gram=gram))
+    probe = take_probe(calib_loader, probe_samples) if probe_samples else None
+    return CalibStats.from_chunks(chunks, heldout, probe)

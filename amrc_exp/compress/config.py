@@ -24,7 +24,7 @@ from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 
 __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "ZConfig", "ZFitConfig",
-           "Choice", "choices", "UNIFORM", "SOLVERS", "check"]
+           "Choice", "choices", "UNIFORM", "PARAM_UNIFORM", "ASVD_SEARCH", "OUTPUT_AWARE", "SOLVERS", "check"]
 
 # The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
 # naming. Anchored on ``blocks.<i>.`` so the classifier head, patch embedding and Swin's
@@ -35,7 +35,10 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     r"(^|\.)blocks\.\d+\.mlp\.(fc1|fc2)$",
 )
 UNIFORM = "uniform"  # the non-mixed baseline: one rank fraction for every layer (not a schedule)
-SCHEDULES_AND_UNIFORM = (*SCHEDULES, UNIFORM)
+PARAM_UNIFORM = "param_uniform"  # SVD-LLM's / FWSVD's: one kept-parameter fraction for every layer
+ASVD_SEARCH = "asvd_search"  # ASVD's sensitivity-based rank search (calibration loss)
+OUTPUT_AWARE = "output_aware"  # ours: KL-to-dense sensitivities on the exact spectra, Lagrangian allocation
+ALLOCATORS = (*SCHEDULES, UNIFORM, PARAM_UNIFORM, ASVD_SEARCH, OUTPUT_AWARE)
 SOLVERS = ("gd", "closed_form")
 
 
@@ -56,7 +59,7 @@ def choices(name: str, values: tuple[str, ...] | list[str]) -> type[Choice]:
 
 
 DecompName = choices("DecompName", tuple(METHODS))
-ScheduleName = choices("ScheduleName", SCHEDULES_AND_UNIFORM)
+ScheduleName = choices("ScheduleName", ALLOCATORS)
 ZName = choices("ZName", tuple(Z_TYPES))
 Solver = choices("Solver", SOLVERS)
 
@@ -106,30 +109,38 @@ def non_negative_float(key: str, value: Any) -> None:
 
 @dataclass
 class DecompConfig:
-    """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum)."""
+    """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum);
+    the peers `svdllm` (SVD-LLM's whitening), `asvd` (ASVD's channel scaling) and `fwsvd`
+    (Fisher-weighted SVD), see `amrc_exp.math.decompose`."""
 
     name: DecompName = DecompName("asvd_mean")
     damp: float = 1.0e-4  # relative damping of H (asvd_whiten, closed-form Z): keeps singular H solvable
+    alpha: float = 0.5  # ASVD's scaling exponent (its paper's default)
 
     def __post_init__(self) -> None:
         self.name = as_choice(DecompName, "decomp.name", self.name)
         non_negative_float("decomp.damp", self.damp)
+        positive_float("decomp.alpha", self.alpha)
 
 
 @dataclass
 class ScheduleConfig:
-    """Sec 3.2: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot` schedule, or `uniform`."""
+    """Sec 3.2's rank allocation: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot`
+    schedule; the baselines `uniform` (one rank fraction) and `param_uniform` (one kept-parameter
+    fraction, SVD-LLM / FWSVD); ASVD's `asvd_search`; ours, `output_aware`."""
 
     name: ScheduleName = ScheduleName("exp")
     iters: int = 500
     gamma: float = 80.0
-    min_rank: int = 1
+    min_rank: int = 1  # 0 lets a layer keep its bias alone
+    candidates: int = 6  # output_aware: ranks measured per layer (the rest interpolated)
 
     def __post_init__(self) -> None:
         self.name = as_choice(ScheduleName, "schedule.name", self.name)
         positive_int("schedule.iters", self.iters)
         positive_float("schedule.gamma", self.gamma)
-        positive_int("schedule.min_rank", self.min_rank)
+        non_negative_int("schedule.min_rank", self.min_rank)
+        positive_int("schedule.candidates", self.candidates)
 
 
 @dataclass

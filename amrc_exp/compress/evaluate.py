@@ -1,12 +1,13 @@
-"""Evaluation: top-1 accuracy and measured inference throughput."""
+"""Evaluation: top-1 accuracy, fidelity to the dense model, and measured inference throughput."""
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-
+from dataclasses import dataclass
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
@@ -17,18 +18,48 @@ def autocast_for(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+@dataclass
+class Evaluation:
+    """One pass over the evaluation set: top-1 and the log-probabilities (CPU float32), which a
+    later stage compares with (`fidelity`)."""
+
+    top1: float
+    log_probs: Tensor
+    labels: Tensor
+
+    def fidelity(self, reference: "Evaluation") -> dict[str, float]:
+        """Top-1 agreement with `reference` (%) and mean KL(reference ‖ self) in nats: they
+        separate methods where top-1 is saturated."""
+        if reference.log_probs.shape != self.log_probs.shape:
+            raise ValueError(f"evaluations of different sets: {tuple(reference.log_probs.shape)} vs "
+                             f"{tuple(self.log_probs.shape)}")
+        ref, own = reference.log_probs.double(), self.log_probs.double()
+        agree = (ref.argmax(-1) == own.argmax(-1)).double().mean()
+        kl = (ref.exp() * (ref - own)).sum(-1).mean()
+        return {"agreement": round(100.0 * float(agree), 4), "kl": float(kl)}
+
+
 @torch.no_grad()
-def top1(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> float:
-    """Top-1 accuracy in percent over the whole loader."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> Evaluation:
+    """Top-1 (%) and the log-probabilities over the whole loader."""
     model.eval()
-    correct = total = 0
+    correct = 0
+    log_probs, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         with autocast_for(device, amp):
             logits = model(images)
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += labels.numel()
-    return 100.0 * correct / max(total, 1)
+        correct += (logits.argmax(-1) == labels).sum()  # on the device: one sync per pass
+        log_probs.append(F.log_softmax(logits.float(), dim=-1).cpu())
+        all_labels.append(labels.cpu())
+    total = sum(l.numel() for l in all_labels)
+    return Evaluation(100.0 * int(correct) / max(total, 1),
+                      torch.cat(log_probs) if log_probs else torch.empty(0), torch.cat(all_labels) if all_labels else torch.empty(0))
+
+
+def top1(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> float:
+    """Top-1 accuracy in percent over the whole loader."""
+    return evaluate(model, loader, device, amp, desc).top1
 
 
 @torch.no_grad()

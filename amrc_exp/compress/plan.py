@@ -13,9 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from amrc_exp.compress.calibrate import LayerStats
-from amrc_exp.compress.config import UNIFORM, AMRCConfig, DecompConfig, ScheduleConfig, ZConfig
+from fractions import Fraction
+from typing import Callable, Optional
+
+from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, UNIFORM, AMRCConfig, DecompConfig,
+                                      ScheduleConfig, ZConfig)
 from amrc_exp.errors import ConfigError
-from amrc_exp.math.allocate import LayerSpec, allocate_greedy, allocate_uniform, max_removable
+from amrc_exp.math.allocate import (UNIFORM_KINDS, LayerSpec, allocate_by_cost, allocate_greedy, allocate_uniform,
+                                    asvd_search, candidate_ranks, max_removable, sensitivity_curve)
 from amrc_exp.math.compensate import z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
 
@@ -30,7 +35,7 @@ def layer_weights(layers: dict[str, nn.Linear]) -> dict[str, Tensor]:
 def decompose_layers(weights: dict[str, Tensor], stats: dict[str, LayerStats],
                      decomp: DecompConfig) -> dict[str, Spectrum]:
     """Full spectrum of every layer, once (Sec 3.1); Algorithm 1 never re-runs an SVD."""
-    return {name: decompose(decomp.name, w, H=stats[name].H, x_rep=stats[name].x_rep, damp=decomp.damp)
+    return {name: decompose(decomp.name, w, damp=decomp.damp, alpha=decomp.alpha, **stats[name].tensors())
             for name, w in weights.items()}
 
 
@@ -79,14 +84,38 @@ def check_budget(layers: dict[str, nn.Linear], n0: int, config: AMRCConfig) -> i
                                              f"lower ratio or use {fix}")
 
 
+# ASVD's candidate kept-parameter ratios: its code uses 0.4..0.9 for weights (LLMs lose little
+# there) and 0.1 steps for its KV-cache variant; 0.0..0.9 in 0.1 steps here, so the search can
+# reach the 0.8-0.9 whole-model ratios of a small ViT (0.0: the bias alone).
+ASVD_RATIOS = tuple(i / 10 for i in range(10))
+
+# metric, {layer: ranks to measure} -> {layer: {rank: value}} (`probe.layer_sensitivity` bound to a model)
+Sensitivity = Callable[[str, dict[str, list[int]]], dict[str, dict[int, float]]]
+
+
 def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,
-                   schedule: ScheduleConfig) -> dict[str, int | None]:
-    """Rank per layer (None = stays dense) meeting the budget (Sec 3.2, Algorithm 1); the
-    budget was checked by `check_budget`."""
-    if schedule.name == UNIFORM:
-        ranks = allocate_uniform(specs, to_remove, schedule.min_rank)
+                   schedule: ScheduleConfig, sensitivity: Optional[Sensitivity] = None) -> dict[str, int | None]:
+    """Rank per layer (None = stays dense) meeting the budget (Sec 3.2); the budget was checked
+    by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`."""
+    name, min_rank = schedule.name, schedule.min_rank
+    if name in (ASVD_SEARCH, OUTPUT_AWARE) and sensitivity is None:
+        raise ValueError(f"schedule.name={name} measures the model: pass `sensitivity` (search() does)")
+    if name == UNIFORM:
+        ranks = allocate_uniform(specs, to_remove, min_rank)
+    elif name == PARAM_UNIFORM:
+        ranks = allocate_uniform(specs, to_remove, min_rank, kind="params")
+    elif name == ASVD_SEARCH:
+        asked = {s.name: {p: UNIFORM_KINDS["params"](s, Fraction(p).limit_denominator(100)) for p in ASVD_RATIOS}
+                 for s in specs}
+        loss = sensitivity("loss", {n: sorted(set(d.values())) for n, d in asked.items()})
+        ranks = asvd_search([{p: loss[s.name][r] for p, r in asked[s.name].items()} for s in specs], specs, to_remove)
+    elif name == OUTPUT_AWARE:
+        kl = sensitivity("kl", {s.name: candidate_ranks(s, schedule.candidates, min_rank) for s in specs})
+        costs = [sensitivity_curve(spectra[s.name].energy_curve().tolist(), kl[s.name], s.break_even_rank + 1)
+                 for s in specs]
+        ranks = allocate_by_cost(costs, specs, to_remove, min_rank)
     else:
         curves = [spectra[s.name].energy_curve() for s in specs]
         ranks = allocate_greedy(curves, specs, to_remove, schedule.name, schedule.iters,
-                                schedule.gamma, schedule.min_rank)
+                                schedule.gamma, min_rank)
     return {s.name: r for s, r in zip(specs, ranks)}

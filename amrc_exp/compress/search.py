@@ -13,7 +13,7 @@ The stages, in order: decompose (Sec 3.1) â†’ allocate (Sec 3.2, Algorithm 1) â†
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -21,11 +21,14 @@ from torch import nn
 
 from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_chunk_size
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
-from amrc_exp.compress.config import AMRCConfig
+from amrc_exp.compress.config import ASVD_SEARCH, OUTPUT_AWARE, AMRCConfig
+from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
 
-__all__ = ["CompressionReport", "compress_model", "search"]
+__all__ = ["CompressionReport", "compress_model", "search", "needs_probe", "PROBE_SAMPLES"]
+
+PROBE_SAMPLES = 256  # labelled calibration images the output-measuring settings use by default
 
 Stage = Callable[[str], AbstractContextManager]
 
@@ -77,11 +80,22 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
     layers = find_layers(model, config.patterns)
     n0 = count_params(model)
     to_remove = check_budget(layers, n0, config)
+    calib = stats.calib
+    if config.decomp.name == "fwsvd" and any(s.fisher is None for s in calib.values()):
+        with stage("fisher"):
+            fisher = fisher_rows(model, _probe_of(stats, "decomp.name=fwsvd"), layers)
+            calib = {n: replace(s, fisher=fisher[n]) for n, s in calib.items()}
     with stage("decompose"):
         weights = layer_weights(layers)
-        spectra = decompose_layers(weights, stats.calib, config.decomp)
+        spectra = decompose_layers(weights, calib, config.decomp)
+
+    def sensitivity(metric: str, ranks: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+        probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
+        return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
+
     with stage("allocate"):
-        ranks = allocate_ranks(spectra, layer_specs(layers, config.z_type), to_remove, config.schedule)
+        ranks = allocate_ranks(spectra, layer_specs(layers, config.z_type), to_remove, config.schedule,
+                               sensitivity)
     with stage("compensate"):
         plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, config)
     return CompressionReport(plans, rows, params_before=n0, params_target=n0 - to_remove,
@@ -89,10 +103,22 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
                              energy_curves={n: s.energy_curve().tolist() for n, s in spectra.items()})
 
 
+def _probe_of(stats: CalibStats, what: str) -> Probe:
+    if stats.probe is None:
+        raise ValueError(f"{what} measures the model's output on probe images: calibrate with "
+                         "probe_samples > 0 (compress_model does so for these settings)")
+    return stats.probe
+
+
+def needs_probe(config: AMRCConfig) -> bool:
+    """Whether the search measures the model's output (and so needs `CalibStats.probe`)."""
+    return config.decomp.name == "fwsvd" or config.schedule.name in (ASVD_SEARCH, OUTPUT_AWARE)
+
+
 def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader: Iterable[Any],
                    config: AMRCConfig | None = None, *, num_samples: int | None = None,
                    heldout_samples: int | None = None, device: torch.device | str | None = None,
-                   amp: bool = False, stage: Stage = _no_stage) -> CompressionReport:
+                   amp: bool = False, stage: Stage = _no_stage, probe_samples: int = PROBE_SAMPLES) -> CompressionReport:
     """Calibrate on the loaders' images (labels ignored), then `search`. The model is not
     changed: apply the result with ``compress_(model, report)``.
 
@@ -108,5 +134,6 @@ def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader
                               device or next(model.parameters()).device)
         stats = calibrate(model, calib_loader, heldout_loader, num_samples=n_calib,
                           heldout_samples=heldout_samples, chunk_size=chunk, layers=layers,
-                          device=device, amp=amp)
+                          device=device, amp=amp, gram=config.decomp.name == "svdllm",
+                          probe_samples=probe_samples if needs_probe(config) else 0)
     return search(model, stats, config, stage=stage)

@@ -39,7 +39,7 @@ DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("paper", "ours", "svd_ft", "dense")  # the sweeps' labels (sweeps/method/*.yaml)
+METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "asvd", "fwsvd", "ours_oa")  # sweeps/method/*.yaml
 DataName, LoggerName, LoggerMode, Device = (choices(n, v) for n, v in (
     ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES)))
 
@@ -60,9 +60,13 @@ class TrainConfig:
     lr: float = 2.0e-3
     batch_size: int = 64
     weight_decay: float = 0.05
+    # The training run's own seed (init and batch order), apart from the run's `seed`: a sweep
+    # over seed=0,1,2 (calibration sampling, fine-tune order) compresses ONE trained model.
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_recipe("model.train", self)
+        check("model.train.seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
 
 
 @dataclass
@@ -124,9 +128,10 @@ class CalibConfig:
     num_samples: int = 1024  # proxy dataset size (Sec 4.1 item 1)
     heldout_samples: int = 256  # held-out samples for residual-error reporting (Tab 1, Fig 3)
     batch_size: int = 64
+    probe_samples: int = 256  # of the calibration images: fwsvd's Fisher, asvd_search / output_aware's sensitivities
 
     def __post_init__(self) -> None:
-        for key in ("num_samples", "heldout_samples", "batch_size"):
+        for key in ("num_samples", "heldout_samples", "batch_size", "probe_samples"):
             positive_int(f"calib.{key}", getattr(self, key))
 
 

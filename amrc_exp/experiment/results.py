@@ -47,6 +47,8 @@ class RunResult:
     top1_finetuned: Optional[float] = None
     top1_ptq: Optional[float] = None
     top1: Optional[float] = None  # the last stage's top-1
+    # per stage after the baseline: top-1 agreement with the dense model (%) and mean KL(dense ‖ stage)
+    fidelity: Optional[dict[str, dict[str, float]]] = None
     calibration_cached: Optional[bool] = None
     zfit_minibatches: Optional[int] = None
     layers: Optional[list[dict[str, Any]]] = None  # one LayerReport row per compressible layer

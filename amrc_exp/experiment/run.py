@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from amrc_exp.compress import CompressionReport, compress_, count_params, model_size_mib, partial_finetune, quantize_, search, top1
+from amrc_exp.compress import (CompressionReport, compress_, count_params, evaluate, model_size_mib,
+                               partial_finetune, quantize_, search)
 from amrc_exp.compress.calibrate import find_layers
 from amrc_exp.compress.evaluate import median, throughput_side_by_side
 from amrc_exp.compress.plan import check_budget
@@ -90,20 +91,26 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         res.params_before = n0
         res.size_mib_dense_fp16 = model_size_mib(model, bits=0)
         with timer("eval_baseline"):
-            res.top1_baseline = top1(model, val_loader, device, amp, desc="eval baseline")
+            dense = evaluate(model, val_loader, device, amp, desc="eval baseline")
+            res.top1_baseline = dense.top1
+
+        def measure(stage: str) -> float:
+            """Top-1 of the model as it is now, and its fidelity to the dense model."""
+            with timer(f"eval_{stage}"):
+                ev = evaluate(model, val_loader, device, amp, desc=f"eval {stage}")
+            res.fidelity = {**(res.fidelity or {}), stage: ev.fidelity(dense)}
+            return ev.top1
 
         if rc.compress:
             report, cached = compress_stages(model, splits, rc, device, autocast["calibrate"], timer)
             _record_compression(res, report, cached, count_params(model))
             _log_layers(tracker, report)
-            with timer("eval_compressed"):
-                res.top1_compressed = top1(model, val_loader, device, amp, desc="eval compressed")
+            res.top1_compressed = measure("compressed")
             res.finetune = _finetune(model, splits, rc, device, autocast["finetune"], timer)
             for i, loss in enumerate(res.finetune["loss_history"]):
                 tracker.log({"finetune/loss": loss, "finetune/epoch": i + 1})
             if rc.finetune.epochs:
-                with timer("eval_finetuned"):
-                    res.top1_finetuned = top1(model, val_loader, device, amp, desc="eval finetuned")
+                res.top1_finetuned = measure("finetuned")
         else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
             res.params_after, res.ratio_achieved, res.layers = n0, 0.0, []
         res.size_mib_compressed_fp16 = model_size_mib(model, bits=0)
@@ -112,7 +119,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             with timer("quantize"):
                 quantize_(model, rc.ptq.bits)
                 res.size_mib_ptq = model_size_mib(model, bits=rc.ptq.bits)
-                res.top1_ptq = top1(model, val_loader, device, amp, desc="eval ptq")
+            res.top1_ptq = measure("ptq")
 
         with timer("export"):
             # The model's own kwargs plus any architecture overrides (model.kwargs: depth,
@@ -222,9 +229,12 @@ def _log_result(tracker: Tracker, res: dict[str, Any], out_dir: Path, label: str
     """The numbers as summary values, the stages side by side in one table, and the export +
     results.json as a versioned model artifact (one name per config, so reruns add versions)."""
     tracker.summary({k: v for k, v in res.items() if isinstance(v, (int, float))})
-    tracker.table("stages", ["stage", "top1", "params", "size_mib"],
-                  [[stage, res[top], res.get(params), res.get(size)] for stage, top, params, size in STAGES
-                   if res.get(top) is not None])
+    fid = res.get("fidelity") or {}
+    tracker.table("stages", ["stage", "top1", "agreement", "kl", "params", "size_mib"],
+                  [[stage, res[top], fid.get(stage, {}).get("agreement", 100.0 if stage == "baseline" else None),
+                    fid.get(stage, {}).get("kl", 0.0 if stage == "baseline" else None), res.get(params), res.get(size)]
+                   for stage, top, params, size in STAGES if res.get(top) is not None])
+    tracker.summary({f"{stage}/{k}": v for stage, d in fid.items() for k, v in d.items()})
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
     tracker.artifact(f"model-{name}", "model", [out_dir / "model"], [out_dir / RESULTS],
                      {"top1": res.get("top1"), "params": res.get("params_after"), "synthetic": res.get("synthetic")})
@@ -271,6 +281,8 @@ def print_summary(res: dict[str, Any]) -> None:
         + (f" -> {res['size_mib_ptq']:.2f} MiB ({res['config']['ptq']['bits']}-bit)" if "size_mib_ptq" in res else ""),
         f"  top-1 (%)     baseline {pct('top1_baseline')} | compressed {pct('top1_compressed')} |"
         f" finetuned {pct('top1_finetuned')} | ptq {pct('top1_ptq')}",
+        *([f"  vs dense      " + " | ".join(f"{st} agree {d['agreement']:.2f}% KL {d['kl']:.4f}"
+                                         for st, d in res["fidelity"].items())] if res.get("fidelity") else []),
         f"  throughput    {res['throughput']['speedup']:.2f}x dense (batch {res['throughput']['batch']})",
         "  seconds       " + " | ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()),
     ]

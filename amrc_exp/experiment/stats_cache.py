@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from amrc_exp.compress.calibrate import CalibStats, LayerStats, calibrate, find_layers, gd_chunk_size
+from amrc_exp.compress.probe import take_probe
+from amrc_exp.compress.search import needs_probe
 from amrc_exp.experiment.config import RunConfig, as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # 2: per-tensor CRC-32 in the manifest
+CACHED = ("H", "x_rep", "abs_mean", "G")  # the LayerStats tensors an entry stores (fisher is per run)
+REQUIRED = ("H", "x_rep")  # in every entry; the others only where collected
 # Bump when calibrate.py changes the numbers it stores (e.g. how ||X_i W||² is summed): older
 # entries then miss instead of being read as if the new code had made them.
-STATS_VERSION = 2
+STATS_VERSION = 3  # 3: abs_mean per channel, optional unnormalised Gram G
 
 
-def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False) -> dict[str, Any]:
+def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False,
+                     gram: bool = False) -> dict[str, Any]:
     """The fields calibration statistics depend on (and nothing else); `chunk` is the number
     of samples per stored calibration chunk (the GD mini-batch, or the whole set). The device
     type and the effective bf16 autocast are part of it: a CUDA bf16 forward gives other
@@ -46,7 +52,8 @@ def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool 
     data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
     return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib,
-            "seed": cfg.seed, "chunk": chunk, "device": device, "amp": bool(amp)}
+            "seed": cfg.seed, "chunk": chunk, "device": device, "amp": bool(amp),
+            **({"gram": True} if gram else {})}  # entries without G keep their keys
 
 
 def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
@@ -60,8 +67,9 @@ def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]])
     for set_name, stats in sets.items():
         manifest["sets"][set_name] = {}
         for layer, s in stats.items():
-            tensors[f"{set_name}/{layer}/H"] = s.H.detach().cpu().contiguous()
-            tensors[f"{set_name}/{layer}/x_rep"] = s.x_rep.detach().cpu().contiguous()
+            for stat in CACHED:
+                if getattr(s, stat) is not None:
+                    tensors[f"{set_name}/{layer}/{stat}"] = getattr(s, stat).detach().cpu().contiguous()
             manifest["sets"][set_name][layer] = {"n_samples": s.n_samples, "n_tokens": s.n_tokens,
                                                   "n_skipped": s.n_skipped}
     # One id in both files: a manifest is only ever paired with the tensors of its own save.
@@ -100,8 +108,8 @@ def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | N
         sets = {}
         for set_name, layers in manifest["sets"].items():
             sets[set_name] = {
-                layer: LayerStats(H=tensors[f"{set_name}/{layer}/H"],
-                                  x_rep=tensors[f"{set_name}/{layer}/x_rep"],
+                layer: LayerStats(**{stat: tensors[f"{set_name}/{layer}/{stat}"] if stat in REQUIRED
+                                     else tensors.get(f"{set_name}/{layer}/{stat}") for stat in CACHED},
                                   n_samples=meta["n_samples"], n_tokens=meta["n_tokens"],
                                   n_skipped=meta["n_skipped"])
                 for layer, meta in layers.items()
@@ -122,12 +130,12 @@ def _crc(t: torch.Tensor) -> int:
 def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
     for stats in sets.values():
         for layer, s in stats.items():
-            if not (torch.isfinite(s.H).all() and torch.isfinite(s.x_rep).all()):
+            if not all(bool(torch.isfinite(t).all()) for t in s.tensors().values()):
                 raise ValueError(f"non-finite statistics for {layer}")
 
 
-def stats_key(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False) -> str:
-    return cache_key(stats_key_fields(cfg, chunk, device, amp))
+def stats_key(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False, gram: bool = False) -> str:
+    return cache_key(stats_key_fields(cfg, chunk, device, amp, gram))
 
 
 def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: torch.device,
@@ -139,19 +147,23 @@ def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: tor
     layers = find_layers(model)
     n_calib = len(splits.calib)
     chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib, device)
-    key = stats_key(cfg, chunk, torch.device(device).type, amp and torch.device(device).type == "cuda")
-    sets = load_stats(cfg.cache_dir, key)
-    if sets is not None:
-        chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
-        return CalibStats.from_chunks(chunks, sets["heldout"]).to(device), True
+    gram = cfg.decomp.name == "svdllm"
+    key = stats_key(cfg, chunk, torch.device(device).type, amp and torch.device(device).type == "cuda", gram)
 
     def loader(dataset: Any) -> Any:
         return make_loader(dataset, cfg.calib.batch_size, shuffle=False, seed=cfg.seed,
                            **loader_options(cfg.data, device))
 
+    # The probe (a few labelled calibration images) is data, not statistics: read, never cached.
+    probe = take_probe(loader(splits.calib), min(cfg.calib.probe_samples, n_calib)) if needs_probe(cfg.amrc()) else None
+    sets = load_stats(cfg.cache_dir, key)
+    if sets is not None:
+        chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
+        return CalibStats.from_chunks(chunks, sets["heldout"], probe).to(device), True
+
     stats = calibrate(model, loader(splits.calib), loader(splits.heldout), num_samples=n_calib,
                       heldout_samples=len(splits.heldout), chunk_size=chunk, layers=layers,
-                      device=device, amp=amp)
+                      device=device, amp=amp, gram=gram)
     chunks = stats.chunks or [stats.calib]
     save_stats(cfg.cache_dir, key, {"heldout": stats.heldout, **{f"calib/{i:04d}": c for i, c in enumerate(chunks)}})
-    return stats.to(device), False
+    return replace(stats, probe=probe).to(device), False

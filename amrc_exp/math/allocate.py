@@ -21,6 +21,11 @@ __all__ = [
     "max_removable",
     "allocate_greedy",
     "allocate_uniform",
+    "allocate_by_cost",
+    "asvd_search",
+    "UNIFORM_KINDS",
+    "sensitivity_curve",
+    "candidate_ranks",
 ]
 
 Ranks = list[int | None]
@@ -49,7 +54,8 @@ class LayerSpec:
 
     @property
     def break_even_rank(self) -> int:
-        """Largest r >= 1 with params_at(r) < dense_params, or 0 (never worth factorizing)."""
+        """Largest r >= 1 with params_at(r) < dense_params, or 0 (rank >= 1 never pays; rank 0,
+        the bias alone, still does when min_rank = 0)."""
         return max(0, (self.dense_params - self.z_params - 1) // self.rank_step)
 
 
@@ -97,8 +103,8 @@ def _candidate(spec: LayerSpec, rank: int | None, p: int, min_rank: int) -> int 
 
 
 def _check_budget(specs: Sequence[LayerSpec], params_to_remove: int, min_rank: int) -> None:
-    if min_rank < 1:
-        raise ValueError(f"min_rank must be >= 1, got {min_rank}")
+    if min_rank < 0:
+        raise ValueError(f"min_rank must be >= 0, got {min_rank}")
     most = max_removable(specs, min_rank)
     if params_to_remove > most:
         raise ValueError(
@@ -161,40 +167,179 @@ def allocate_greedy(
     return ranks
 
 
-def _uniform(specs: Sequence[LayerSpec], f: Fraction, min_rank: int) -> Ranks:
-    """Rank floor(f * min(in, out)) per layer; dense where that does not save parameters."""
+# kind -> rank of a layer at fraction f: of min(in, out) ("rank": the paper's Vanilla SVD
+# baseline) or of the layer's dense parameters ("params": SVD-LLM's and ASVD's uniform ratio,
+# r = floor(f * in * out / (in + out)), as in their code).
+UNIFORM_KINDS: dict[str, Callable[[LayerSpec, Fraction], int]] = {
+    "rank": lambda s, f: f.numerator * min(s.n_in, s.n_out) // f.denominator,
+    "params": lambda s, f: f.numerator * s.dense_params // (f.denominator * s.rank_step),
+}
+
+
+def _breakpoints(s: LayerSpec, kind: str) -> set[Fraction]:
+    if kind == "rank":
+        return {Fraction(k, min(s.n_in, s.n_out)) for k in range(min(s.n_in, s.n_out) + 1)}
+    return {Fraction(k * s.rank_step, s.dense_params) for k in range(s.break_even_rank + 2)} | {Fraction(1)}
+
+
+def _uniform(specs: Sequence[LayerSpec], f: Fraction, min_rank: int, kind: str = "rank") -> Ranks:
+    """Rank UNIFORM_KINDS[kind](f) per layer; dense where that does not save parameters."""
     ranks: Ranks = []
     for s in specs:
-        r = max(min_rank, f.numerator * min(s.n_in, s.n_out) // f.denominator)
+        r = max(min_rank, UNIFORM_KINDS[kind](s, f))
         ranks.append(r if r <= s.break_even_rank else None)
     return ranks
 
 
-def allocate_uniform(specs: Sequence[LayerSpec], params_to_remove: int, min_rank: int = 1) -> Ranks:
-    """Non-mixed baseline: the same rank fraction f of min(in, out) in every layer.
+def allocate_uniform(specs: Sequence[LayerSpec], params_to_remove: int, min_rank: int = 1,
+                     kind: str = "rank") -> Ranks:
+    """Non-mixed baseline: the same fraction f in every layer (`UNIFORM_KINDS`: of min(in, out)
+    or of the layer's parameters).
 
-    f is the largest meeting the budget, found exactly by bisection over the breakpoints
-    k/min(in, out) (removal is a non-increasing step function of f). Moving from the next
-    larger breakpoint to f changes each layer by one rank step (or its dense entry); those
+    f is the largest meeting the budget, found exactly by bisection over the breakpoints where
+    some layer's rank changes (removal is a non-increasing step function of f). Moving from the
+    next larger breakpoint to f changes each layer by one rank step (or its dense entry); those
     moves are applied layer by layer only until the budget is met, so the overshoot is below
     one step of the last moved layer, as for the greedy allocator.
     """
+    if kind not in UNIFORM_KINDS:
+        raise ValueError(f"unknown uniform kind {kind!r}; allowed: {sorted(UNIFORM_KINDS)}")
     _check_budget(specs, params_to_remove, min_rank)
     p_start = sum(s.dense_params for s in specs)
     if params_to_remove <= 0:
         return [None] * len(specs)
-    fracs = sorted({Fraction(k, d) for d in {min(s.n_in, s.n_out) for s in specs} for k in range(d + 1)})
+    fracs = sorted(set().union(*(_breakpoints(s, kind) for s in specs)) | {Fraction(0)})
 
     def removed(f: Fraction) -> int:
-        return p_start - total_params(specs, _uniform(specs, f, min_rank))
+        return p_start - total_params(specs, _uniform(specs, f, min_rank, kind))
 
     lo, hi = 0, len(fracs) - 1  # removed(fracs[0] = 0) meets the budget, removed(1) = 0 does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if removed(fracs[mid]) >= params_to_remove else (lo, mid)
-    low, ranks = _uniform(specs, fracs[lo], min_rank), _uniform(specs, fracs[hi], min_rank)
+    low, ranks = _uniform(specs, fracs[lo], min_rank, kind), _uniform(specs, fracs[hi], min_rank, kind)
     for l in range(len(specs)):
         if p_start - total_params(specs, ranks) >= params_to_remove:
             break
         ranks[l] = low[l]
     return ranks
+
+
+def allocate_by_cost(costs: Sequence[Sequence[float]], specs: Sequence[LayerSpec], params_to_remove: int,
+                     min_rank: int = 0) -> Ranks:
+    """Ranks minimising sum_l costs[l][r_l] under the budget (dense: cost 0), for any per-layer
+    cost of rank (ours: the output sensitivity, `amrc_exp.compress.probe`).
+
+    Lagrangian relaxation: for a price lam per parameter every layer takes its cheapest option
+    independently (argmin cost + lam * params, dense included); lam is bisected to the
+    smallest price that meets the budget. The parameters that price leaves unspent are then
+    given back greedily, one rank at a time, to the layer whose cost drops most per parameter.
+    For convex costs of same-shape layers this is the exact optimum; in general it is the
+    optimum of the budget it lands on plus a greedy top-up. costs[l] covers ranks
+    0..break_even_rank (entries below min_rank are ignored)."""
+    _check_budget(specs, params_to_remove, min_rank)
+    for spec, c in zip(specs, costs, strict=True):
+        if len(c) <= spec.break_even_rank:
+            raise ValueError(f"costs of {spec.name} have {len(c)} entries, needs > {spec.break_even_rank}")
+    final = sum(s.dense_params for s in specs) - params_to_remove
+    if params_to_remove <= 0:
+        return [None] * len(specs)
+    options = [[(None, 0.0, s.dense_params)] + [(r, float(c[r]), s.params_at(r))
+                                                 for r in range(min_rank, s.break_even_rank + 1)]
+               for s, c in zip(specs, costs)]
+
+    def pick(lam: float) -> Ranks:
+        return [min(opts, key=lambda o: (o[1] + lam * o[2], o[2]))[0] for opts in options]
+
+    lo, hi = 0.0, 1.0
+    while total_params(specs, pick(hi)) > final:
+        hi *= 4.0
+    for _ in range(100):  # float bisection to ~1e-30 relative: far below any cost difference
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if total_params(specs, pick(mid)) <= final else (mid, hi)
+    ranks = pick(hi)
+    cost_of = [{o[0]: o[1] for o in opts} for opts in options]
+    while True:  # top up: the best cost drop per parameter that still fits the budget
+        slack = final - total_params(specs, ranks)
+        best: tuple[float, int, int | None] | None = None
+        for l, s in enumerate(specs):
+            r = ranks[l]
+            if r is None:
+                continue
+            up = None if r >= s.break_even_rank else r + 1
+            extra = _params(s, up) - _params(s, r)
+            gain = cost_of[l][r] - cost_of[l][up]
+            if extra <= slack and gain > 0 and (best is None or gain / extra > best[0]):
+                best = (gain / extra, l, up)
+        if best is None:
+            return ranks
+        ranks[best[1]] = best[2]
+
+
+def asvd_search(sensitivity: Sequence[dict[float, float]], specs: Sequence[LayerSpec],
+                params_to_remove: int) -> Ranks:
+    """ASVD's sensitivity-based truncation-rank search (Yuan et al. 2023, arXiv:2312.05821,
+    Sec 3.4; `binary_search_truncation_rank` in its code).
+
+    sensitivity[l] maps a kept-parameter ratio p < 1 of layer l to the calibration loss with
+    only that layer truncated to rank floor(p * in * out / (in + out)). The (layer, p) pairs are
+    sorted from most to least sensitive; keeping the pairs from position m on, each layer takes
+    the smallest p among its kept pairs (dense if none). m is binary-searched to the largest
+    position (the least compression) that still meets the budget."""
+    pairs = sorted(((l, p, loss) for l, d in enumerate(sensitivity) for p, loss in d.items() if p < 1),
+                   key=lambda t: -t[2])
+
+    def ranks_at(m: int) -> Ranks:
+        kept: list[float | None] = [None] * len(specs)
+        for l, p, _ in pairs[m:]:
+            kept[l] = p if kept[l] is None else min(kept[l], p)
+        return [None if p is None else UNIFORM_KINDS["params"](specs[l], Fraction(p).limit_denominator(10**6))
+                for l, p in enumerate(kept)]
+
+    final = sum(s.dense_params for s in specs) - params_to_remove
+    if total_params(specs, ranks_at(0)) > final:
+        raise ValueError(f"cannot remove {params_to_remove} parameters with the candidate ratios "
+                         f"{sorted({p for _, p, _ in pairs})}")
+    lo, hi = 0, len(pairs)  # ranks_at(lo) meets the budget; ranks_at(len) = all dense does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total_params(specs, ranks_at(mid)) <= final else (lo, mid)
+    return ranks_at(lo)
+
+
+def candidate_ranks(spec: LayerSpec, n: int, min_rank: int = 0) -> list[int]:
+    """`n` ranks in [min_rank, break_even_rank] where a sensitivity is measured: geometric
+    towards rank 0, where the loss grows fastest (e.g. be/2, be/4, ... and min_rank)."""
+    be = spec.break_even_rank
+    if be < min_rank:
+        return []
+    ranks = {min_rank} | {max(min_rank, round(be * 2.0 ** -k)) for k in range(1, n)}
+    return sorted(ranks)[:n]
+
+
+def sensitivity_curve(energy: Sequence[float], measured: dict[int, float], length: int) -> list[float]:
+    """A cost for every rank 0..length-1 from a few measured ones, through the exact spectrum.
+
+    The measured sensitivities (made non-increasing in rank) are interpolated piecewise-linearly
+    in the layer's energy loss e(r) (the exact Eq 5 error of the rank-r optimum for asvd_whiten),
+    with e = 0 -> 0: an output loss that is, to first order, proportional to the weight error
+    (KL ~ a quadratic form in the output change). Exact at the measured ranks; monotone."""
+    pts = sorted(measured.items())  # by rank, ascending
+    vals = [v for _, v in pts]
+    for i in range(len(vals) - 2, -1, -1):  # lower rank never costs less than a higher one
+        vals[i] = max(vals[i], vals[i + 1])
+    es = [float(energy[min(r, len(energy) - 1)]) for r, _ in pts]
+    knots = sorted({(0.0, 0.0)} | set(zip(es, vals)))  # ascending e (descending rank)
+    out = []
+    for r in range(length):
+        e = float(energy[min(r, len(energy) - 1)])
+        if e >= knots[-1][0]:
+            # Beyond the lowest measured rank (only below it): the lowest rank's cost scaled by e.
+            e0, v0 = knots[-1]
+            out.append(v0 * (e / e0 if e0 > 0 else 1.0))
+            continue
+        for (e0, v0), (e1, v1) in zip(knots, knots[1:]):
+            if e0 <= e <= e1:
+                out.append(v0 + (v1 - v0) * ((e - e0) / (e1 - e0) if e1 > e0 else 0.0))
+                break
+    return out

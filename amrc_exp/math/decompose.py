@@ -18,6 +18,10 @@ __all__ = [
     "svd_spectrum",
     "asvd_mean_spectrum",
     "asvd_whiten_spectrum",
+    "svdllm_spectrum",
+    "asvd_scaled_spectrum",
+    "fwsvd_spectrum",
+    "STATISTICS",
     "whitening_factor",
     "damped",
     "decompose",
@@ -153,6 +157,12 @@ def whitening_factor(h_d: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     return root[:, None] * q.mT, lambda p: q @ (p / root[:, None])
 
 
+def _whitened(w64: Tensor, lt: Tensor, solve: Callable[[Tensor], Tensor], method: str) -> Spectrum:
+    """Eckart-Young on L^T W: SVD(L^T W) = P S Q^T, W_hat_r = L^{-T} P_r S_r Q_r^T."""
+    p, s, q = _svd(lt @ w64)
+    return Spectrum(method, s, solve(p), q)
+
+
 def asvd_whiten_spectrum(W: Tensor, H: Tensor, damp: float = 1e-4) -> Spectrum:
     """Exact rank-r optimum of Eq 5 (Z = 0): min tr((W_hat - W)^T H (W_hat - W)).
 
@@ -161,28 +171,77 @@ def asvd_whiten_spectrum(W: Tensor, H: Tensor, damp: float = 1e-4) -> Spectrum:
     relative to tr(W^T H_d W) (the damped H)."""
     w64 = W.to(torch.float64)
     lt, solve = whitening_factor(damped(H.to(w64.device), damp))
-    p, s, q = _svd(lt @ w64)
-    return Spectrum("asvd_whiten", s, solve(p), q)
+    return _whitened(w64, lt, solve, "asvd_whiten")
 
 
-# name -> (builder(w, stats), names of the statistics it needs)
+def svdllm_spectrum(W: Tensor, G: Tensor) -> Spectrum:
+    """SVD-LLM's truncation-aware data whitening (Wang et al. 2024, arXiv:2403.07378, Sec 3.1).
+
+    G = sum_i X_i^T X_i is the UNnormalised Gram of the layer inputs (every token weighs the
+    same, unlike Eq 5's per-image normalisation); S = Cholesky(G), SVD(S^T W), truncation, and
+    W_hat_r = S^{-T} [S^T W]_r, so ||X (W - W_hat)||_F is minimal at every rank. Their rule for
+    a G that is not positive definite: shift it by (1e-6 - lambda_min) I before the Cholesky."""
+    w64 = W.to(torch.float64)
+    g = G.to(device=w64.device, dtype=torch.float64)
+    g = (g + g.mT) / 2
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        g = g + (1e-6 - torch.linalg.eigvalsh(g)[0]) * eye
+        chol = torch.linalg.cholesky(g)
+    lt = chol.mT
+    return _whitened(w64, lt, lambda p: torch.linalg.solve_triangular(lt, p, upper=True), "svdllm")
+
+
+def asvd_scaled_spectrum(W: Tensor, abs_mean: Tensor, alpha: float = 0.5) -> Spectrum:
+    """ASVD's activation-aware scaling (Yuan et al. 2023, arXiv:2312.05821, Sec 3.2, "abs_mean").
+
+    S = diag(mean_tokens |x_c|^alpha + 1e-6) over the input channels c; SVD(S W) = P Sig Q^T and
+    W_hat_r = S^{-1} P_r Sig_r Q_r^T: channels with large activations are reconstructed first.
+    alpha = 0.5 is the paper's default."""
+    w64 = W.to(torch.float64)
+    s = abs_mean.to(device=w64.device, dtype=torch.float64).clamp_min(0) ** alpha + 1e-6
+    p, sig, q = _svd(s[:, None] * w64)
+    return Spectrum("asvd", sig, p / s[:, None], q)
+
+
+def fwsvd_spectrum(W: Tensor, fisher: Tensor) -> Spectrum:
+    """Fisher-weighted SVD (Hsu et al. 2022, ICLR, arXiv:2207.00112, Sec 3.2).
+
+    `fisher` holds, per OUTPUT neuron j (a row of torch's out x in weight), the summed empirical
+    Fisher information of its weights, sum_i E[(dL/dW_ij)^2]; D = diag(sqrt(fisher)) weighs the
+    reconstruction error of each output, SVD(W D) = P Sig Q^T (paper layout: outputs are W's
+    columns) and W_hat_r = P_r Sig_r Q_r^T D^{-1}."""
+    w64 = W.to(torch.float64)
+    d = fisher.to(device=w64.device, dtype=torch.float64).clamp_min(0).sqrt()
+    d = d + 1e-6 * d.max().clamp_min(1e-300)  # an output with zero gradient keeps a finite weight
+    p, sig, q = _svd(w64 * d[None, :])
+    return Spectrum("fwsvd", sig, p, q / d[:, None])
+
+
+# The statistics a decomposition can ask for (LayerStats attributes; see calibrate.py).
+STATISTICS = ("H", "x_rep", "G", "abs_mean", "fisher")
+
+# name -> (builder(W, **stats, damp, alpha), names of the statistics it needs)
 METHODS: dict[str, tuple[Callable[..., Spectrum], tuple[str, ...]]] = {
     "svd": (lambda W, **_: svd_spectrum(W), ()),
     "asvd_mean": (lambda W, x_rep, **_: asvd_mean_spectrum(W, x_rep), ("x_rep",)),
     "asvd_whiten": (lambda W, H, damp, **_: asvd_whiten_spectrum(W, H, damp), ("H",)),
+    "svdllm": (lambda W, G, **_: svdllm_spectrum(W, G), ("G",)),
+    "asvd": (lambda W, abs_mean, alpha, **_: asvd_scaled_spectrum(W, abs_mean, alpha), ("abs_mean",)),
+    "fwsvd": (lambda W, fisher, **_: fwsvd_spectrum(W, fisher), ("fisher",)),
 }
 
 
-def decompose(
-    method: str, W: Tensor, *, H: Tensor | None = None, x_rep: Tensor | None = None, damp: float = 1e-4
-) -> Spectrum:
-    """Spectrum of W (in x out) by `method` in {"svd", "asvd_mean", "asvd_whiten"}."""
+def decompose(method: str, W: Tensor, *, damp: float = 1e-4, alpha: float = 0.5,
+              **stats: Tensor | None) -> Spectrum:
+    """Spectrum of W (in x out) by `method` (a key of METHODS), from the statistics it needs
+    (keyword arguments named as in STATISTICS; the others may be None or absent)."""
     if method not in METHODS:
         raise ValueError(f"unknown decomposition method {method!r}; allowed: {sorted(METHODS)}")
     build, needs = METHODS[method]
-    stats = {"H": H, "x_rep": x_rep}
-    missing = [n for n in needs if stats[n] is None]
+    missing = [n for n in needs if stats.get(n) is None]
     if missing:
         hint = ", ".join(f"{n}=..." for n in missing)
         raise ValueError(f"method {method!r} needs statistic(s) {missing} (pass {hint})")
-    return build(W, H=H, x_rep=x_rep, damp=damp)
+    return build(W, **{n: stats[n] for n in needs}, damp=damp, alpha=alpha)

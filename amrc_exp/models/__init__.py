@@ -71,10 +71,10 @@ def _create_random(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[s
 # Each source: (cfg, splits) -> (model, info). A path is the fallback, not a registry entry.
 
 
-def _seeded_model(cfg: DictConfig) -> nn.Module:
-    """Random init from `cfg.seed` (reproducible runs; the caller's RNG state is untouched)."""
+def _seeded_model(cfg: DictConfig, seed: Optional[int] = None) -> nn.Module:
+    """Random init from `seed` (default `cfg.seed`; reproducible runs; the caller's RNG state is untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.seed))
+        torch.manual_seed(int(cfg.seed if seed is None else seed))
         return create_model(cfg.model)[0]
 
 
@@ -91,7 +91,7 @@ def _train(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     from amrc_exp.data import build_splits
     from amrc_exp.models.train import load_or_train
 
-    model = _seeded_model(cfg)  # the cached weights must be a function of the key (seed included)
+    model = _seeded_model(cfg, cfg.model.train.seed)  # the cached weights are a function of the key (seed included)
     if splits is None:
         splits = build_splits(cfg)
     if splits.synthetic:

@@ -37,15 +37,34 @@ CLIP_GRAD_NORM = 1.0  # keeps the high peak LR stable (ViTs spike without it)
 AUGMENT = False
 EVAL_BATCH_SIZE = 500
 LOG_EVERY = 50  # steps between progress-bar loss updates (each one is a host-device sync)
+# CPU training runs on exactly this many intra-op threads, whatever OMP_NUM_THREADS says: the
+# thread count changes the order of float sums in the matmul kernels, and over ~7500 steps that
+# changes the checkpoint (measured: 1 vs 2 threads differ by 2.8e-5 in the weights after 150
+# steps; 89.96 / 89.92 / 89.76% test top-1 from checkouts that trained under a sweep's
+# OMP_NUM_THREADS=1 or the default 2). With it pinned, a retrain is bit-identical on the same
+# torch build and CPU kernel set (`torch.backends.cpu.get_cpu_capability()`, saved with the
+# cache entry); another ISA (AVX2 vs AVX-512) or torch version still gives another checkpoint.
+TRAIN_THREADS = 2
 
 
 def train_embedded(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     """Train `model` in place with `cfg.model.train`; return metrics (test top-1 on the full val split)."""
     # Forked RNG: seeded here (augmentation and loader order reproducible), and the
     # caller's global RNG state is left as it was.
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.seed))
-        return _train(model, splits, cfg)
+        torch.manual_seed(int(cfg.model.train.seed))
+        torch.set_num_threads(TRAIN_THREADS)
+        try:
+            return {**_train(model, splits, cfg), **build_identity()}
+        finally:
+            torch.set_num_threads(threads)
+
+
+def build_identity() -> dict[str, Any]:
+    """What besides the config a CPU checkpoint depends on (saved with it, for the record)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": TRAIN_THREADS}
 
 
 def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
@@ -53,7 +72,7 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     train_set = splits.train_full if AUGMENT else splits.train_plain
     if train_set is None:  # a hand-built Splits without the full splits
         train_set = splits.train
-    loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True,
+    loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True, seed=int(train_cfg.seed), drop_last=True,
                          **loader_options(cfg.data, next(model.parameters()).device))
     total_steps = max(1, int(train_cfg.epochs) * len(loader))
     warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
@@ -111,7 +130,8 @@ def embedded_cache_fields(cfg: DictConfig, device_type: str = "cpu") -> dict[str
     name = str(cfg.model.name)
     return {
         "recipe": {"version": RECIPE_VERSION, "warmup": WARMUP_FRACTION, "clip": CLIP_GRAD_NORM,
-                   "augment": AUGMENT},
+                   "augment": AUGMENT,
+                   "threads": TRAIN_THREADS},
         "model": {
             "name": name,
             "arch": EMBEDDED_ARCHS.get(name),  # a resized registry entry retires old caches
@@ -119,9 +139,9 @@ def embedded_cache_fields(cfg: DictConfig, device_type: str = "cpu") -> dict[str
             "in_chans": int(cfg.model.in_chans),
             "num_classes": int(cfg.model.num_classes),
             "kwargs": as_plain(cfg.model.kwargs),
-            "train": as_plain(cfg.model.train),
+            "train": {k: v for k, v in as_plain(cfg.model.train).items() if k != "seed"},
         },
-        "seed": int(cfg.seed),
+        "seed": int(cfg.model.train.seed),  # where the run seed used to be: the keys of seed 0 stay
         "data": {"name": str(cfg.data.name), "root": None if cfg.data.root is None else str(cfg.data.root)},
         # Trained on a GPU, the weights differ (other kernels): keyed apart. CPU keys unchanged.
         **({"device": device_type} if device_type != "cpu" else {}),

@@ -1,0 +1,230 @@
+"""The peer baselines (SVD-LLM, ASVD, FWSVD) and our output-aware allocation, each against an
+independent computation: a closed form from the raw token matrix, an eigenvalue tail, an
+analytic gradient, a brute-force search."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amrc_exp.compress.calibrate import collect_stats
+from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
+from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_uniform, asvd_search, candidate_ranks,
+                                    sensitivity_curve, total_params)
+from amrc_exp.math.compensate import fit_closed_form, z_dense
+from amrc_exp.math.decompose import (asvd_scaled_spectrum, asvd_whiten_spectrum, decompose, fwsvd_spectrum,
+                                     svdllm_spectrum)
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 throughout this module (exact comparisons), restored for the other tests."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _tail(m: torch.Tensor, r: int) -> float:
+    """Sum of the squared singular values of m beyond the r largest, from eigvalsh of m^T m."""
+    ev = torch.linalg.eigvalsh(m.T @ m).flip(0).clamp_min(0)
+    return float(ev[r:].sum())
+
+
+def test_svdllm_is_the_rank_r_optimum_of_the_token_error():
+    """SVD-LLM's W_hat_r minimises ||X (W - W_hat)||_F; independently, X^+ [X W]_r (truncated
+    SVD of X W, pulled back by the pseudo-inverse of the full-column-rank X) is that optimum."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 6, generator=g), torch.randn(6, 5, generator=g)
+    sp = svdllm_spectrum(w, x.T @ x)
+    p, s, qh = torch.linalg.svd(x @ w, full_matrices=False)
+    for r in (1, 2, 4):
+        ref = torch.linalg.pinv(x) @ (p[:, :r] * s[:r]) @ qh[:r]
+        assert torch.allclose(sp.approx(r), ref, atol=1e-9)
+        u, v = sp.factors(r, torch.float64)
+        assert torch.allclose(u @ v.T, ref, atol=1e-9)
+
+
+def test_svdllm_shifts_a_singular_gram_as_its_code_does():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, generator=g)  # 3 tokens, 6 channels: G has rank 3
+    w = torch.randn(6, 4, generator=g)
+    gram = x.T @ x
+    sp = svdllm_spectrum(w, gram)
+    shifted = gram + (1e-6 - torch.linalg.eigvalsh(gram)[0]) * torch.eye(6)
+    lt = torch.linalg.cholesky(shifted).T
+    ref = torch.linalg.svdvals(lt @ w)
+    assert torch.isfinite(sp.left).all() and torch.allclose(sp.sigma, ref, rtol=1e-8)
+
+
+def test_asvd_scaling_minimises_the_scaled_error():
+    """||S (W - W_hat_r)||_F^2 equals the eigenvalue tail of (S W)^T (S W), S = diag(|x|^alpha)."""
+    g = torch.Generator().manual_seed(2)
+    w, absmean = torch.randn(7, 5, generator=g), torch.rand(7, generator=g) * 3
+    for alpha in (0.5, 1.0):
+        sp = asvd_scaled_spectrum(w, absmean, alpha)
+        s = absmean ** alpha + 1e-6
+        for r in (1, 3):
+            err = float(((s[:, None] * (w - sp.approx(r))) ** 2).sum())
+            assert err == pytest.approx(_tail(s[:, None] * w, r), rel=1e-9, abs=1e-12)
+            assert torch.linalg.matrix_rank(sp.approx(r)) == r
+
+
+def test_fwsvd_minimises_the_fisher_weighted_output_error():
+    g = torch.Generator().manual_seed(3)
+    w, fisher = torch.randn(6, 8, generator=g), torch.rand(8, generator=g)
+    sp = fwsvd_spectrum(w, fisher)
+    d = fisher.sqrt() + 1e-6 * fisher.sqrt().max()
+    for r in (1, 4):
+        err = float((((w - sp.approx(r)) * d[None, :]) ** 2).sum())
+        assert err == pytest.approx(_tail(w * d[None, :], r), rel=1e-9)
+
+
+def test_decompose_dispatches_the_peers_and_names_missing_statistics():
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="G"):
+        decompose("svdllm", w, H=torch.eye(4))
+    assert decompose("asvd", w, abs_mean=torch.ones(4)).method == "asvd"
+
+
+class _Tokens(nn.Module):
+    """(B, T, C) images through one Linear named like a block's fc1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Module()])
+        self.blocks[0].mlp = nn.Module()
+        self.blocks[0].mlp.fc1 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.blocks[0].mlp.fc1(x)
+
+
+def test_calibration_collects_abs_mean_and_the_unnormalised_gram():
+    torch.manual_seed(0)
+    model = _Tokens().float()
+    images = torch.randn(12, 4, 5).float()
+    layers = {"blocks.0.mlp.fc1": model.blocks[0].mlp.fc1}
+    stats = collect_stats(model, [images[:7], images[7:]], layers, 12, gram=True)["blocks.0.mlp.fc1"]
+    x = images.double().reshape(-1, 5)
+    assert torch.allclose(stats.abs_mean, x.abs().mean(0), rtol=1e-6)
+    assert torch.allclose(stats.G, x.T @ x, rtol=1e-5)
+    assert collect_stats(model, [images], layers, 12)["blocks.0.mlp.fc1"].G is None
+
+
+def test_fisher_rows_match_the_analytic_per_image_gradient():
+    """For logits = W x + b and cross-entropy, dL/dW = (softmax - onehot) x^T per image."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    got = fisher_rows(lin, Probe(x, y), {"fc": lin})["fc"]
+    err = F.softmax(lin(x), -1).detach() - F.one_hot(y, 4)
+    ref = sum((err[i][:, None] * x[i][None, :]) ** 2 for i in range(10)).sum(1) / 10
+    assert torch.allclose(got, ref, rtol=1e-9)
+
+
+def test_layer_sensitivity_is_the_kl_of_the_truncated_model_and_restores_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    x = torch.randn(20, 6)
+    w = model[0].weight.detach().T.clone()
+    spectra = {"0": asvd_whiten_spectrum(w, torch.eye(6))}
+    got = layer_sensitivity(model, {"0": model[0]}, spectra, {"0": [1, 3]}, Probe(x, batch_size=7))
+    dense = F.log_softmax(model(x), -1)
+    for r in (1, 3):
+        twin = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+        twin.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            twin[0].weight.copy_((spectra["0"].approx(r)).T)
+        kl = (dense.exp() * (dense - F.log_softmax(twin(x), -1))).sum(-1).mean()
+        assert got["0"][r] == pytest.approx(float(kl.detach()), rel=1e-9)
+    assert torch.equal(model[0].weight.detach().T, w)
+
+
+def test_param_uniform_keeps_the_same_parameter_fraction_and_is_the_largest_that_fits():
+    specs = [LayerSpec("a", 16, 48), LayerSpec("b", 16, 16), LayerSpec("c", 16, 64)]
+    to_remove = 1400
+    ranks = allocate_uniform(specs, to_remove, min_rank=0, kind="params")
+    dense = sum(s.dense_params for s in specs)
+    assert dense - total_params(specs, ranks) >= to_remove
+    # Brute force: every fraction f = k/1000; the best (largest) f whose floor ranks meet the budget.
+    best = max(Fraction(k, 1000) for k in range(1001)
+               if dense - total_params(specs, [min(s.break_even_rank, int(Fraction(k, 1000) * s.dense_params
+                                                                           // s.rank_step)) for s in specs]) >= to_remove)
+    ref = [int(best * s.dense_params // s.rank_step) for s in specs]
+    # allocate_uniform only lowers a prefix of layers from the next breakpoint: never below the reference
+    assert all(r >= q for r, q in zip(ranks, ref))
+
+
+def test_cost_allocation_is_optimal_for_convex_costs_of_same_shape_layers():
+    g = torch.Generator().manual_seed(4)
+    specs = [LayerSpec(f"l{i}", 8, 8) for i in range(3)]  # break-even rank 3
+    for trial in range(20):
+        costs = []
+        for _ in specs:
+            steps = torch.rand(4, generator=g).sort(descending=True).values  # convex decreasing
+            c = steps.flip(0).cumsum(0).flip(0).tolist()  # cost[r] = sum of steps r..3 -> cost[3] = last step
+            costs.append(c + [0.0])
+        to_remove = int(torch.randint(10, 150, (1,), generator=g))
+        ranks = allocate_by_cost([c[:4] for c in costs], specs, to_remove, min_rank=0)
+        final = 3 * 64 - to_remove
+
+        def cost(rs):
+            return sum(0.0 if r is None else costs[l][r] for l, r in enumerate(rs))
+
+        options = [None, 0, 1, 2, 3]
+        feasible = [rs for rs in itertools.product(options, repeat=3) if total_params(specs, rs) <= final]
+        assert total_params(specs, ranks) <= final
+        assert cost(ranks) == pytest.approx(min(cost(rs) for rs in feasible), abs=1e-12), trial
+
+
+def test_asvd_search_takes_the_least_compression_that_meets_the_budget():
+    specs = [LayerSpec("a", 10, 10), LayerSpec("b", 10, 30), LayerSpec("c", 20, 10)]
+    g = torch.Generator().manual_seed(5)
+    sens = [{p: float(torch.rand(1, generator=g)) * (1 - p) for p in (0.0, 0.2, 0.5, 0.8)} for _ in specs]
+    to_remove = 350
+    ranks = asvd_search(sens, specs, to_remove)
+    pairs = sorted(((l, p, v) for l, d in enumerate(sens) for p, v in d.items()), key=lambda t: -t[2])
+    dense = sum(s.dense_params for s in specs)
+
+    def at(m):  # linear scan, written out
+        kept = {}
+        for l, p, _ in pairs[m:]:
+            kept[l] = min(kept.get(l, 1.0), p)
+        return [int(kept[l] * s.dense_params) // s.rank_step if l in kept else None for l, s in enumerate(specs)]
+
+    ok = [m for m in range(len(pairs) + 1) if dense - total_params(specs, at(m)) >= to_remove]
+    assert ranks == at(max(ok))
+
+
+def test_sensitivity_curve_is_exact_at_measured_ranks_and_monotone():
+    energy = [1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.0]
+    measured = {0: 4.0, 2: 1.0, 4: 0.5}
+    curve = sensitivity_curve(energy, measured, 7)
+    assert curve[0] == 4.0 and curve[2] == 1.0 and curve[4] == 0.5 and curve[6] == 0.0
+    assert curve[5] == pytest.approx(0.25)  # between e=0.1 (0.5) and e=0 (0): linear in e
+    assert all(a >= b for a, b in zip(curve, curve[1:]))
+    assert candidate_ranks(LayerSpec("x", 64, 64), 6) == [0, 1, 2, 4, 8, 16]
+
+
+def test_lowrank_z_on_the_whitened_optimum_is_worth_exactly_its_parameters_as_rank():
+    """Why `ours_oa` spends no budget on Z: the closed-form low-rank Z of rank q on the residual
+    of the whitened rank-r optimum gives the error of the whitened rank r + q optimum."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 16, generator=g) * torch.linspace(0.1, 3, 16)
+    h, w = x.T @ x / 200, torch.randn(16, 12, generator=g)
+    sp = asvd_whiten_spectrum(w, h, damp=0.0)
+    fraction, r = 0.2, 3
+    zp = fit_closed_form("lowrank", w - sp.approx(r), h, fraction=fraction, damp=0.0, dtype=torch.float64)
+    z = z_dense("lowrank", zp)[0]
+    with_z = w - sp.approx(r) - z
+    q = int(torch.linalg.matrix_rank(z))
+    more = w - sp.approx(r + q)
+    err = float(torch.trace(with_z.T @ h @ with_z))
+    assert q >= 1 and err == pytest.approx(float(torch.trace(more.T @ h @ more)), rel=1e-6)
