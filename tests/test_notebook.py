@@ -93,7 +93,7 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
     figs = tmp_path / "figs"
     nb = nbformat.read(NOTEBOOK, as_version=4)
     env = {"AMRC_SWEEP_DIRS": str(sweep_output / "t2"), "AMRC_FIG2_DIRS": str(sweep_output / "fig2"),
-           "AMRC_FIG_DIR": str(figs)}
+           "AMRC_PEERS_DIRS": str(tmp_path / "no_peers"), "AMRC_FIG_DIR": str(figs)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits them
     try:
@@ -104,7 +104,7 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "3 complete compression run(s), 1 sensitivity run(s)" in text
-    assert "skipped" not in text
+    assert not any(f"Fig {n} skipped" in text for n in (1, 2, 3)) and "Fig 4 skipped" in text  # no peers given
     for name in ("fig1_energy_loss.png", "fig2_rank_sensitivity.png", "fig3_layer_error.png"):
         png = figs / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -117,14 +117,32 @@ def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
     """`python -m amrc_exp.report.figures`: the notebook executed headless into --fig-dir."""
     from amrc_exp.report import figures
 
+    import nbformat
+
+    from tests.test_tables import write_run
+
+    peers = tmp_path / "peers"  # hand-made peers runs: two methods, two ratios, two seeds
+    for method in ("svdllm", "ours_oa"):
+        for ratio in (0.5, 0.8):
+            for seed in (0, 1):
+                name = f"{method}_{ratio}_{seed}"
+                write_run(peers, name, model="fmnist_vit", ratio=ratio, finetune=2, top1=(89.9, 80 + seed, 85 + seed))
+                path = peers / name / "results.json"
+                res = json.loads(path.read_text())
+                res["config"].update(method=method, seed=seed)
+                res["config"]["data"]["name"] = "fashion_mnist"
+                path.write_text(json.dumps(res))
     out = tmp_path / "figs"
-    env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_FIG_DIR")}
+    env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_PEERS_DIRS", "AMRC_FIG_DIR")}
     try:
         assert figures.main(["--fig-dir", str(out), "--sweep-dirs", str(sweep_output / "t2"),
-                             "--fig2-dirs", str(sweep_output / "fig2")]) == 0
+                             "--fig2-dirs", str(sweep_output / "fig2"), "--peers-dirs", str(peers)]) == 0
     finally:
         for k, v in env_before.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     assert sorted(p.name for p in out.iterdir()) == ["fig1_energy_loss.png", "fig2_rank_sensitivity.png",
-                                                      "fig3_layer_error.png"]
-    assert "fig3_layer_error.png" in capsys.readouterr().out
+                                                      "fig3_layer_error.png", "fig4_peers.png", "figures.ipynb"]
+    assert "fig4_peers.png" in capsys.readouterr().out
+    executed = nbformat.read(out / "figures.ipynb", as_version=4)  # saved with its outputs
+    text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "3 complete compression run(s), 1 sensitivity run(s)" in text and "Fig 4 skipped" not in text

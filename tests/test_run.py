@@ -37,7 +37,7 @@ def test_results_json_has_every_stage(first_run):
     for key in ("top1_baseline", "top1_compressed", "top1_finetuned", "top1_ptq", "top1"):
         assert 0.0 <= res[key] <= 100.0
     assert set(res["seconds"]) >= {"calibrate", "decompose", "allocate", "compensate", "apply",
-                                   "finetune", "quantize", "export"}
+                                   "finetune", "quantize", "eval_ptq", "export"}
     # Budget is the whole model: within one rank step of the largest layer (in + out).
     step = max(r["n_in"] + r["n_out"] for r in res["layers"])
     assert res["params_target"] == round((1 - 0.5) * res["params_before"])
@@ -137,6 +137,31 @@ def test_export_reloads_to_the_evaluated_model(first_run):
     assert top1(model, loader, torch.device("cpu")) == pytest.approx(res["top1"], abs=1e-9)
 
 
+def test_fidelity_is_agreement_and_kl_against_the_dense_model(first_run):
+    """The final stage's agreement and KL, recomputed from the exported model and a freshly
+    built dense model (same seeded random weights) with numpy-free plain formulas."""
+    from amrc_exp.data import build_splits, make_loader
+    from amrc_exp.experiment.export import load_compressed
+    from amrc_exp.models import build_model
+
+    root, cfg, res = first_run
+    compressed = load_compressed(root / "run1" / "model").eval()
+    dense, _ = build_model(cfg, None)
+    dense.eval()
+    loader = make_loader(build_splits(cfg).val, 128, shuffle=False, seed=cfg.seed)
+    agree = total = 0
+    kl = 0.0
+    with torch.no_grad():
+        for images, _ in loader:
+            p, q = dense(images).double().softmax(-1), compressed(images).double().softmax(-1)
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            kl += float((p * (p.log() - q.log())).sum())
+            total += images.shape[0]
+    assert set(res["fidelity"]) == {"compressed", "finetuned", "ptq"}
+    assert res["fidelity"]["ptq"]["agreement"] == pytest.approx(100.0 * agree / total, abs=1e-3)
+    assert res["fidelity"]["ptq"]["kl"] == pytest.approx(kl / total, rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_agrees_with_cpu(tmp_path, monkeypatch):
     """The same tiny run on CUDA (fp32: amp off, TF32 off) and on the CPU: identical ranks,
@@ -193,3 +218,26 @@ def test_wandb_environment_variables_win_over_the_config(monkeypatch, tmp_path):
     assert tracking.make_tracker(cfg.logger, str(tmp_path), {}, job_type="ours", tags=["deit"]) == "wandb"
     assert (seen["project"], seen["entity"], seen["mode"], seen["job_type"], seen["tags"]) == \
         ("theirs", "lab", "offline", "ours", ["deit"])
+
+
+def test_sensitivity_run_is_logged_to_wandb(tmp_path):
+    """Fig 2's runs on W&B: the offline run holds the per-kind line charts and the value table."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = [o for o in TINY if not o.startswith(("finetune.", "data.finetune_subset"))]
+    proc = subprocess.run(
+        [sys.executable, "-m", "amrc_exp.experiment.sensitivity", "--config-dir", "sweeps", "--config-name",
+         "fig2_embedded", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "logger=wandb",
+         "logger.mode=offline", "sensitivity.fractions=[0.5,0.1]", *tiny],
+        cwd=root, env={**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(path)
+    keys = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+            for i in r.history.item}
+    assert {"sensitivity/_type", "sensitivity_blocks_table/_type", "sensitivity_types_table/_type"} <= keys, keys
+    run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run_rec.job_type == "sensitivity" and "fig2" in list(run_rec.tags)

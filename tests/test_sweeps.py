@@ -23,10 +23,16 @@ SWEEPS = ROOT / "sweeps"
 CONF = amrc_exp.CONF_DIR
 TABLE_CONFIGS = sorted(p.stem for p in SWEEPS.glob("table*.yaml"))
 FIG_CONFIGS = sorted(p.stem for p in SWEEPS.glob("fig*.yaml"))
+PEER_CONFIGS = sorted(p.stem for p in SWEEPS.glob("peers*.yaml"))
 METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "paper": ("asvd_mean", "exp", "lowrank", "gd"),
     "ours": ("asvd_whiten", "exp", "lowrank", "closed_form"),
     "svd_ft": ("svd", "uniform", "none", "gd"),
+    "svd": ("svd", "param_uniform", "none", "gd"),
+    "svdllm": ("svdllm", "param_uniform", "none", "gd"),
+    "asvd": ("asvd", "asvd_search", "none", "gd"),
+    "fwsvd": ("fwsvd", "param_uniform", "none", "gd"),
+    "ours_oa": ("asvd_whiten", "output_aware", "none", "gd"),
 }
 # Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
 # samples everywhere. Every such run must come out marked synthetic.
@@ -60,9 +66,14 @@ def grid(cfg) -> list[list[str]]:
 def test_every_table_and_scale_has_a_sweep_config():
     assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
+    assert PEER_CONFIGS == ["peers_embedded", "peers_paper"]
 
 
-@pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS)
+def test_every_method_config_is_checked():
+    assert set(METHOD) | {"dense"} == {p.stem for p in (SWEEPS / "method").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS + PEER_CONFIGS)
 def test_sweep_config_jobs_compose(name):
     import timm
 
@@ -79,7 +90,7 @@ def test_sweep_config_jobs_compose(name):
     jobs = grid(base)
     expected = {"table1_embedded": 10, "table1_paper": 10, "table2_embedded": 12, "table2_paper": 36,
                 "table3_embedded": 3, "table3_paper": 9, "table4_embedded": 6, "table4_paper": 6,
-                "fig2_embedded": 3, "fig2_paper": 3}[name]
+                "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 108, "peers_paper": 36}[name]
     assert len(jobs) == expected
     dirs = set()
     for job in jobs:
@@ -266,3 +277,38 @@ def test_sweep_listing_matches_what_the_sweep_runs(tmp_path):
     after = {j.dir.name: j.state for j in list_jobs(SWEEPS, "table2_embedded", extra)}
     assert after == {d.name: ("done" if (d / "results.json").exists() else "failed") for d in sweep.iterdir() if d.is_dir()}
     assert sorted(after.values()) == ["done", "failed"]
+
+
+def test_peers_paper_runs_with_local_files(tmp_path):
+    """The paper-scale peers sweep, shrunk: a local ImageFolder and a local weights file (both
+    made here), two of its methods, one ratio; every job completes and is not marked synthetic."""
+    import numpy as np
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "imagenet"
+    for split, n in (("train", 12), ("val", 4)):
+        for cls in ("n01440764", "n01443537"):
+            (data / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data / split / cls / f"{i}.png")
+    kwargs = {"num_classes": 1000, "img_size": 32, "depth": 2}  # data=imagenet: a 1000-class head
+    model = timm.create_model("deit_tiny_patch16_224", patch_size=8, **kwargs)
+    weights = tmp_path / "deit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "amrc_exp", "-m", "--config-dir", "sweeps", "--config-name", "peers_paper",
+           f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", f"data.root={data}",
+           f"model.weights={weights}", "model.name=deit_tiny_patch16_224", "model.img_size=32",
+           "+model.kwargs.depth=2", "+model.kwargs.patch_size=8", "method=asvd,ours_oa", "ratio=0.5",
+           "calib.num_samples=16", "calib.heldout_samples=4", "calib.probe_samples=8", "calib.batch_size=8",
+           "finetune.epochs=1", "finetune.batch_size=8", "eval.batch_size=8", "logger=none", "device=cpu",
+           "data.num_workers=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert sorted(r["config"]["method"] for r in results) == ["asvd", "ours_oa"]
+    assert all(r["status"] == "complete" and not r["synthetic"] and r["inputs"]["weights_sha256"] for r in results)
+    assert all(set(r["fidelity"]) == {"compressed", "finetuned"} for r in results)

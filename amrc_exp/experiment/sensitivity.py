@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from amrc_exp.compress.probe import replaced_weight
 from amrc_exp.errors import ConfigError
 from amrc_exp.experiment.config import RunConfig, as_plain, to_run_config
 from amrc_exp.experiment.results import finished_result
@@ -94,20 +95,11 @@ def reduced_rank(layers: dict[str, nn.Linear], spectra: dict[str, Any], names: l
     """Temporarily replace each named layer's weight by its rank-reduced approximation
     (`Spectrum.approx`, the decomposition's W_hat) and restore the originals afterwards.
     Yields {layer: rank kept}."""
-    saved = {n: layers[n].weight.detach().clone() for n in names}
-    ranks = {}
-    try:
-        with torch.no_grad():
-            for n in names:
-                r = kept_rank(spectra[n].max_rank, fraction)
-                ranks[n] = r
-                w_hat = spectra[n].approx(r).T  # paper layout (in x out) -> torch (out x in)
-                layers[n].weight.copy_(w_hat.to(layers[n].weight))
+    ranks = {n: kept_rank(spectra[n].max_rank, fraction) for n in names}
+    with ExitStack() as stack:
+        for n, r in ranks.items():  # paper layout (in x out) -> torch (out x in)
+            stack.enter_context(replaced_weight(layers[n], spectra[n].approx(r).T.to(layers[n].weight)))
         yield ranks
-    finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                layers[n].weight.copy_(w)
 
 
 def rank_sensitivity(layers: dict[str, nn.Linear], spectra: dict[str, Any], evaluate: Callable[[], float],
@@ -182,7 +174,30 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     res["status"] = "complete"
     atomic_write_json(out_dir / OUTPUT, res)
     log.info("wrote %s (%.0f s)", out_dir / OUTPUT, res["seconds"])
+    _log_sensitivity(rc, res, out_dir)
     return res
+
+
+def _log_sensitivity(rc: SensitivityRunConfig, res: dict[str, Any], out_dir: Path) -> None:
+    """Fig 2 on W&B: one line chart per group kind (top-1 vs rank fraction kept, one line per
+    block or layer type) and every value in one table."""
+    from amrc_exp.experiment.tracking import make_tracker
+
+    tracker = make_tracker(rc.logger, str(out_dir), res["config"],
+                           name=f"sensitivity {rc.model.name} {rc.decomp.name} [{out_dir.name}]",
+                           job_type="sensitivity", tags=[rc.model.name, f"decomp={rc.decomp.name}", "fig2"])
+    try:
+        xs = [1.0, *res["fractions"]]
+        rows = []
+        for kind in rc.sensitivity.groups:
+            groups = res[kind]
+            tracker.lines(f"sensitivity_{kind}", xs, [[res["top1_baseline"], *accs] for accs in groups.values()],
+                          list(groups), f"Fig 2: top-1 vs rank kept, one {kind[:-1]} reduced", "rank fraction kept")
+            rows += [[kind, g, f, a] for g, accs in groups.items() for f, a in zip(res["fractions"], accs)]
+        tracker.table("sensitivity", ["kind", "group", "fraction", "top1"], rows)
+        tracker.summary({"top1_baseline": res["top1_baseline"], "synthetic": res["synthetic"]})
+    finally:
+        tracker.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,11 +1,13 @@
-"""`python -m amrc_exp.report.figures`: execute amrc_exp/notebooks/figures.ipynb headless (nbclient) and save
-Fig 1-3 as PNG, without Jupyter installed.
+"""`python -m amrc_exp.report.figures`: execute amrc_exp/notebooks/figures.ipynb headless (nbclient), save
+Fig 1-4 as PNG and the executed notebook beside them (figures.ipynb, outputs included), without
+Jupyter installed.
 
     python -m amrc_exp.report.figures --fig-dir results/figures \\
-        [--sweep-dirs outputs/sweeps/table2_embedded] [--fig2-dirs outputs/sweeps/fig2_embedded]
+        [--sweep-dirs outputs/sweeps/table2_embedded] [--fig2-dirs outputs/sweeps/fig2_embedded] \\
+        [--peers-dirs outputs/sweeps/peers_embedded]
 
-The notebook reads the same inputs from AMRC_SWEEP_DIRS / AMRC_FIG2_DIRS / AMRC_FIG_DIR. Needs
-the dev extras (nbclient, nbformat, ipykernel), which scripts/setup.sh installs.
+The notebook reads the same inputs from AMRC_SWEEP_DIRS / AMRC_FIG2_DIRS / AMRC_PEERS_DIRS /
+AMRC_FIG_DIR. Needs the dev extras (nbclient, nbformat, ipykernel), which scripts/setup.sh installs.
 """
 
 from __future__ import annotations
@@ -24,21 +26,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fig-dir", type=Path, default=Path("figures"))
     parser.add_argument("--sweep-dirs", nargs="*", type=Path, default=None)
     parser.add_argument("--fig2-dirs", nargs="*", type=Path, default=None)
+    parser.add_argument("--peers-dirs", nargs="*", type=Path, default=None)
     args = parser.parse_args(argv)
 
     import nbformat
     from nbclient import NotebookClient
 
     env = {"AMRC_FIG_DIR": str(args.fig_dir.resolve()), "AMRC_ROOT": str(Path.cwd())}
-    for key, dirs in (("AMRC_SWEEP_DIRS", args.sweep_dirs), ("AMRC_FIG2_DIRS", args.fig2_dirs)):
+    for key, dirs in (("AMRC_SWEEP_DIRS", args.sweep_dirs), ("AMRC_FIG2_DIRS", args.fig2_dirs),
+                      ("AMRC_PEERS_DIRS", args.peers_dirs)):
         if dirs:
             env[key] = os.pathsep.join(str(d.resolve()) for d in dirs)
     os.environ.update(env)  # the kernel inherits the environment
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    executed = args.fig_dir / NOTEBOOK.name  # the record of what made the PNGs, outputs included
+    nbformat.write(nb, executed)
     pngs = sorted(p.name for p in args.fig_dir.glob("*.png"))
-    print(f"executed {NOTEBOOK}; figures in {args.fig_dir}: {', '.join(pngs)}")
+    print(f"executed {NOTEBOOK} into {executed}; figures in {args.fig_dir}: {', '.join(pngs)}")
     return 0
 
 

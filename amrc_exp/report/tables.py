@@ -265,6 +265,9 @@ def runs_frame(runs: list[dict[str, Any]]):
             "err_before": t1.get("err_before"),
             "err_after": t1.get("err_after"),
             "n_factorized": t1.get("n_factorized"),
+            **{f"{short}_{stage}": (r.get("fidelity") or {}).get(stage, {}).get(key)
+               for stage in ("compressed", "finetuned") for short, key in (("agree", "agreement"), ("kl", "kl"))},
+            "compress_seconds": sum(v for k, v in (r.get("seconds") or {}).items() if k in COMPRESS_STAGES),
         })
     return pd.DataFrame(rows)
 
@@ -376,6 +379,8 @@ def _settings_note(df, finetune: bool = True, accuracy: bool = True) -> str | No
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {}  # run dir -> config, filled by build_tables
+# seconds of the compression itself (calibration included; evaluation and fine-tuning not)
+COMPRESS_STAGES = ("calibrate", "fisher", "decompose", "allocate", "compensate", "apply")
 
 
 def table1(df) -> Table:
@@ -612,7 +617,17 @@ def table4(df) -> Table:
                   md, csv, notes, any_synth, sub)
 
 
-BUILDERS = {1: table1, 2: table2, 3: table3, 4: table4}
+def _peers_table(number: int):
+    """Tables 5-7 live in report/peers.py, which imports this module: built lazily."""
+    def build(df) -> Table:
+        from amrc_exp.report import peers
+
+        return getattr(peers, f"table{number}")(df)
+    return build
+
+
+BUILDERS = {1: table1, 2: table2, 3: table3, 4: table4, **{n: _peers_table(n) for n in (5, 6, 7)}}
+SWEEP_TABLES = {"peers": [5, 6, 7]}  # sweep config names that are not table<N>_...
 
 
 def tables_for(path: Path) -> list[int]:
@@ -627,6 +642,9 @@ def tables_for(path: Path) -> list[int]:
         m = re.match(r"table(\d)", name)
         if m and int(m.group(1)) in BUILDERS:
             return [int(m.group(1))]
+        for prefix, numbers in SWEEP_TABLES.items():
+            if name.startswith(prefix):
+                return numbers
     return []
 
 
@@ -731,4 +749,8 @@ def _unfinished_jobs(dirs: list[str]) -> tuple[list[Path], list[Path]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the imported module, not this __main__ copy: report/peers.py imports it, and its
+    # module state (_CONFIGS) must be the one build_tables fills.
+    from amrc_exp.report.tables import main as _main
+
+    sys.exit(_main())
