@@ -104,7 +104,7 @@ def test_sweep_config_jobs_compose(name):
             assert cfg.compress is False and cfg.target_params is None and cfg.finetune.epochs == 0
         if name.endswith("_embedded"):
             assert cfg.model.name.startswith("fmnist_vit") and cfg.data.name == "fashion_mnist"
-            assert cfg.device == "cpu" and cfg.logger.name == "none"
+            assert cfg.device == "cpu" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
         else:
             assert cfg.data.name == "imagenet" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
             assert (cfg.calib.num_samples, cfg.zfit.iters) == (1024, 2000)  # the paper's Sec 4.1
