@@ -38,7 +38,7 @@ def sweep_output(tmp_path_factory):
     assert t2.returncode == 0, (t2.stdout + t2.stderr)[-3000:]
     fig2 = subprocess.run(
         [sys.executable, "-m", "amrc_exp.experiment.sensitivity", "-m", "--config-dir", "sweeps", "--config-name", "fig2_embedded",
-         f"hydra.sweep.dir={root / 'fig2'}", f"cache_dir={cache}", "decomp=asvd_whiten",
+         f"hydra.sweep.dir={root / 'fig2'}", f"cache_dir={cache}", "decomp=svd,asvd_whiten",
          "sensitivity.fractions=[0.5,0.1]", *TINY],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert fig2.returncode == 0, (fig2.stdout + fig2.stderr)[-3000:]
@@ -46,7 +46,7 @@ def sweep_output(tmp_path_factory):
 
 
 def test_sensitivity_output(sweep_output):
-    (path,) = (sweep_output / "fig2").rglob("sensitivity.json")
+    (path,) = [p for p in (sweep_output / "fig2").rglob("sensitivity.json") if "asvd_whiten" in str(p)]
     res = json.loads(path.read_text())
     assert res["status"] == "complete" and res["synthetic"] is True and res["decomp"] == "asvd_whiten"
     assert res["fractions"] == [0.5, 0.1]
@@ -103,8 +103,21 @@ def test_notebook_executes_headless(sweep_output, tmp_path):
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "3 complete compression run(s), 1 sensitivity run(s)" in text
+    assert "3 complete compression run(s), 2 sensitivity run(s)" in text
     assert not any(f"Fig {n} skipped" in text for n in (1, 2, 3)) and "Fig 4 skipped" in text  # no peers given
+    meta = {m["figure"]: m for m in (json.loads(line.split("figure-meta:", 1)[1]) for line in text.splitlines()
+                                     if line.startswith("figure-meta:"))}
+    fig1, fig2, fig3 = (meta[f"fig{n}_{k}.png"] for n, k in ((1, "energy_loss"), (2, "rank_sensitivity"), (3, "layer_error")))
+    for m in (fig1, fig2, fig3):  # titles name the model and the data, and say the run is synthetic
+        assert "fmnist_vit_small" in m["suptitle"] and "Fashion-MNIST" in m["suptitle"] and "SYNTHETIC" in m["suptitle"]
+    assert all(ax["yscale"] == "log" for ax in fig1["axes"])  # Fig 1: log energy axis
+    assert all(ax["xscale"] == "log" for ax in fig2["axes"])  # Fig 2: log fraction axis
+    for col in (0, 1):  # Fig 2: one y range per column (2 decompositions = 2 rows)
+        ylims = {tuple(ax["ylim"]) for ax in fig2["axes"][col::2]}
+        assert len(fig2["axes"][col::2]) == 2 and len(ylims) == 1
+    proj = fig3["axes"][0]["xticklabels"]  # Fig 3: layer names on x
+    assert proj and all(t.startswith("blocks.") and t.endswith("attn.proj") for t in proj)
+    assert "-50%" in fig3["suptitle"]
     for name in ("fig1_energy_loss.png", "fig2_rank_sensitivity.png", "fig3_layer_error.png"):
         png = figs / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -145,4 +158,4 @@ def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
     assert "fig4_peers.png" in capsys.readouterr().out
     executed = nbformat.read(out / "figures.ipynb", as_version=4)  # saved with its outputs
     text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "3 complete compression run(s), 1 sensitivity run(s)" in text and "Fig 4 skipped" not in text
+    assert "3 complete compression run(s), 2 sensitivity run(s)" in text and "Fig 4 skipped" not in text
