@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 
 from amrc_exp.compress.config import DEFAULT_PATTERNS
 from amrc_exp.compress.evaluate import autocast_for
-from amrc_exp.errors import AmrcError
 from amrc_exp.compress.probe import Probe, take_probe
+from amrc_exp.errors import AmrcError
 from amrc_exp.math.decompose import STATISTICS
 
 __all__ = [

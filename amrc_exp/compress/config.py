@@ -103,6 +103,10 @@ def positive_float(key: str, value: Any) -> None:  # inf passes `> 0` and fails 
     check(key, value, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
+def seed_int(key: str, value: Any) -> None:
+    check(key, value, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+
+
 def non_negative_float(key: str, value: Any) -> None:
     check(key, value, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
@@ -197,7 +201,7 @@ class AMRCConfig:
     def __post_init__(self) -> None:
         check("ratio", self.ratio, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
         optional_positive_int("target_params", self.target_params)
-        check("seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+        seed_int("seed", self.seed)
 
     def params_to_remove(self, n0: int) -> int:
         """The whole model's budget: ratio·N0, or N0 − target_params."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,6 +19,12 @@ def autocast_for(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def kl_rows(ref_logp: Tensor, logp: Tensor) -> Tensor:
+    """KL(ref ‖ p) per row, from log-probabilities (float64)."""
+    ref, own = ref_logp.double(), logp.double()
+    return (ref.exp() * (ref - own)).sum(-1)
+
+
 @dataclass
 class Evaluation:
     """One pass over the evaluation set: top-1 and the log-probabilities (CPU float32), which a
@@ -25,7 +32,6 @@ class Evaluation:
 
     top1: float
     log_probs: Tensor
-    labels: Tensor
 
     def fidelity(self, reference: "Evaluation") -> dict[str, float]:
         """Top-1 agreement with `reference` (%) and mean KL(reference ‖ self) in nats: they
@@ -33,9 +39,8 @@ class Evaluation:
         if reference.log_probs.shape != self.log_probs.shape:
             raise ValueError(f"evaluations of different sets: {tuple(reference.log_probs.shape)} vs "
                              f"{tuple(self.log_probs.shape)}")
-        ref, own = reference.log_probs.double(), self.log_probs.double()
-        agree = (ref.argmax(-1) == own.argmax(-1)).double().mean()
-        kl = (ref.exp() * (ref - own)).sum(-1).mean()
+        agree = (reference.log_probs.argmax(-1) == self.log_probs.argmax(-1)).double().mean()
+        kl = kl_rows(reference.log_probs, self.log_probs).mean()
         return {"agreement": round(100.0 * float(agree), 4), "kl": float(kl)}
 
 
@@ -43,18 +48,16 @@ class Evaluation:
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> Evaluation:
     """Top-1 (%) and the log-probabilities over the whole loader."""
     model.eval()
-    correct = 0
-    log_probs, all_labels = [], []
+    correct = total = 0
+    log_probs = []
     for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         with autocast_for(device, amp):
             logits = model(images)
         correct += (logits.argmax(-1) == labels).sum()  # on the device: one sync per pass
         log_probs.append(F.log_softmax(logits.float(), dim=-1).cpu())
-        all_labels.append(labels.cpu())
-    total = sum(l.numel() for l in all_labels)
-    return Evaluation(100.0 * int(correct) / max(total, 1),
-                      torch.cat(log_probs) if log_probs else torch.empty(0), torch.cat(all_labels) if all_labels else torch.empty(0))
+        total += labels.numel()
+    return Evaluation(100.0 * int(correct) / max(total, 1), torch.cat(log_probs) if log_probs else torch.empty(0))
 
 
 def top1(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str = "eval") -> float:

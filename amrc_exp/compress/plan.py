@@ -8,19 +8,17 @@ once in `layer_weights`.
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from amrc_exp.compress.calibrate import LayerStats
-from fractions import Fraction
-from typing import Callable, Optional
-
 from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, UNIFORM, AMRCConfig, DecompConfig,
                                       ScheduleConfig, ZConfig)
 from amrc_exp.errors import ConfigError
-from amrc_exp.math.allocate import (UNIFORM_KINDS, LayerSpec, allocate_by_cost, allocate_greedy, allocate_uniform,
-                                    asvd_search, candidate_ranks, max_removable, sensitivity_curve)
+from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_uniform, asvd_search,
+                                    candidate_ranks, max_removable, ratio_rank, sensitivity_curve)
 from amrc_exp.math.compensate import z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
 
@@ -105,8 +103,7 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
     elif name == PARAM_UNIFORM:
         ranks = allocate_uniform(specs, to_remove, min_rank, kind="params")
     elif name == ASVD_SEARCH:
-        asked = {s.name: {p: UNIFORM_KINDS["params"](s, Fraction(p).limit_denominator(100)) for p in ASVD_RATIOS}
-                 for s in specs}
+        asked = {s.name: {p: ratio_rank(s, p) for p in ASVD_RATIOS} for s in specs}
         loss = sensitivity("loss", {n: sorted(set(d.values())) for n, d in asked.items()})
         ranks = asvd_search([{p: loss[s.name][r] for p, r in asked[s.name].items()} for s in specs], specs, to_remove)
     elif name == OUTPUT_AWARE:

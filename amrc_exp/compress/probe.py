@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from amrc_exp.compress.evaluate import kl_rows
 from amrc_exp.math.decompose import Spectrum
 
 __all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "METRICS"]
@@ -104,8 +105,7 @@ def replaced_weight(layer: nn.Linear, weight: Tensor) -> Iterator[None]:
 
 
 def _kl(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tensor:
-    logp = F.log_softmax(logits.double(), dim=-1)
-    return (dense_logp.exp() * (dense_logp - logp)).sum(-1).sum()
+    return kl_rows(dense_logp, F.log_softmax(logits.double(), dim=-1)).sum()
 
 
 def _loss(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tensor:

@@ -25,8 +25,9 @@ from amrc_exp.compress.config import ASVD_SEARCH, OUTPUT_AWARE, AMRCConfig
 from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
+from amrc_exp.math.decompose import METHODS
 
-__all__ = ["CompressionReport", "compress_model", "search", "needs_probe", "PROBE_SAMPLES"]
+__all__ = ["CompressionReport", "compress_model", "search", "needs_probe", "needs_gram", "PROBE_SAMPLES"]
 
 PROBE_SAMPLES = 256  # labelled calibration images the output-measuring settings use by default
 
@@ -81,7 +82,7 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
     n0 = count_params(model)
     to_remove = check_budget(layers, n0, config)
     calib = stats.calib
-    if config.decomp.name == "fwsvd" and any(s.fisher is None for s in calib.values()):
+    if "fisher" in _decomp_stats(config) and any(s.fisher is None for s in calib.values()):
         with stage("fisher"):
             fisher = fisher_rows(model, _probe_of(stats, "decomp.name=fwsvd"), layers)
             calib = {n: replace(s, fisher=fisher[n]) for n, s in calib.items()}
@@ -110,9 +111,20 @@ def _probe_of(stats: CalibStats, what: str) -> Probe:
     return stats.probe
 
 
+def _decomp_stats(config: AMRCConfig) -> tuple[str, ...]:
+    """The statistics the configured decomposition reads (its entry in `math.decompose.METHODS`)."""
+    return METHODS[config.decomp.name][1]
+
+
 def needs_probe(config: AMRCConfig) -> bool:
-    """Whether the search measures the model's output (and so needs `CalibStats.probe`)."""
-    return config.decomp.name == "fwsvd" or config.schedule.name in (ASVD_SEARCH, OUTPUT_AWARE)
+    """Whether the search measures the model's output (and so needs `CalibStats.probe`): the
+    Fisher of a decomposition, or an allocation by sensitivities."""
+    return "fisher" in _decomp_stats(config) or config.schedule.name in (ASVD_SEARCH, OUTPUT_AWARE)
+
+
+def needs_gram(config: AMRCConfig) -> bool:
+    """Whether calibration must also collect the unnormalised Gram G (`calibrate(gram=True)`)."""
+    return "G" in _decomp_stats(config)
 
 
 def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader: Iterable[Any],
@@ -134,6 +146,6 @@ def compress_model(model: nn.Module, calib_loader: Iterable[Any], heldout_loader
                               device or next(model.parameters()).device)
         stats = calibrate(model, calib_loader, heldout_loader, num_samples=n_calib,
                           heldout_samples=heldout_samples, chunk_size=chunk, layers=layers,
-                          device=device, amp=amp, gram=config.decomp.name == "svdllm",
+                          device=device, amp=amp, gram=needs_gram(config),
                           probe_samples=probe_samples if needs_probe(config) else 0)
     return search(model, stats, config, stage=stage)

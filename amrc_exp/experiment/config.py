@@ -33,6 +33,7 @@ from amrc_exp.compress.config import (
     optional_positive_int,
     positive_float,
     positive_int,
+    seed_int,
 )
 
 DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.data.DATASETS (tested)
@@ -66,7 +67,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_recipe("model.train", self)
-        check("model.train.seed", self.seed, lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)")
+        seed_int("model.train.seed", self.seed)
 
 
 @dataclass

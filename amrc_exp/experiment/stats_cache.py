@@ -21,7 +21,7 @@ from torch import nn
 
 from amrc_exp.compress.calibrate import CalibStats, LayerStats, calibrate, find_layers, gd_chunk_size
 from amrc_exp.compress.probe import take_probe
-from amrc_exp.compress.search import needs_probe
+from amrc_exp.compress.search import needs_gram, needs_probe
 from amrc_exp.experiment.config import RunConfig, as_plain
 from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
 
@@ -147,7 +147,7 @@ def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: tor
     layers = find_layers(model)
     n_calib = len(splits.calib)
     chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib, device)
-    gram = cfg.decomp.name == "svdllm"
+    gram = needs_gram(cfg.amrc())
     key = stats_key(cfg, chunk, torch.device(device).type, amp and torch.device(device).type == "cuda", gram)
 
     def loader(dataset: Any) -> Any:

@@ -26,6 +26,7 @@ __all__ = [
     "UNIFORM_KINDS",
     "sensitivity_curve",
     "candidate_ranks",
+    "ratio_rank",
 ]
 
 Ranks = list[int | None]
@@ -176,6 +177,13 @@ UNIFORM_KINDS: dict[str, Callable[[LayerSpec, Fraction], int]] = {
 }
 
 
+def ratio_rank(spec: LayerSpec, ratio: float) -> int:
+    """The rank keeping the fraction `ratio` of a layer's parameters, floor(ratio * in * out /
+    (in + out)) (SVD-LLM's and ASVD's rank formula); `ratio` read as the nearest simple fraction
+    (0.3 is 3/10, not the float just below it)."""
+    return UNIFORM_KINDS["params"](spec, Fraction(ratio).limit_denominator(10**6))
+
+
 def _breakpoints(s: LayerSpec, kind: str) -> set[Fraction]:
     if kind == "rank":
         return {Fraction(k, min(s.n_in, s.n_out)) for k in range(min(s.n_in, s.n_out) + 1)}
@@ -293,8 +301,7 @@ def asvd_search(sensitivity: Sequence[dict[float, float]], specs: Sequence[Layer
         kept: list[float | None] = [None] * len(specs)
         for l, p, _ in pairs[m:]:
             kept[l] = p if kept[l] is None else min(kept[l], p)
-        return [None if p is None else UNIFORM_KINDS["params"](specs[l], Fraction(p).limit_denominator(10**6))
-                for l, p in enumerate(kept)]
+        return [None if p is None else ratio_rank(specs[l], p) for l, p in enumerate(kept)]
 
     final = sum(s.dense_params for s in specs) - params_to_remove
     if total_params(specs, ranks_at(0)) > final:

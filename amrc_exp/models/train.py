@@ -40,8 +40,8 @@ LOG_EVERY = 50  # steps between progress-bar loss updates (each one is a host-de
 # CPU training runs on exactly this many intra-op threads, whatever OMP_NUM_THREADS says: the
 # thread count changes the order of float sums in the matmul kernels, and over ~7500 steps that
 # changes the checkpoint (measured: 1 vs 2 threads differ by 2.8e-5 in the weights after 150
-# steps; 89.96 / 89.92 / 89.76% test top-1 from checkouts that trained under a sweep's
-# OMP_NUM_THREADS=1 or the default 2). With it pinned, a retrain is bit-identical on the same
+# steps; the likely cause of the 89.96 / 89.92 / 89.76% test top-1 of checkouts that trained
+# under a sweep's OMP_NUM_THREADS=1 or the default 2). With it pinned, a retrain is bit-identical on the same
 # torch build and CPU kernel set (`torch.backends.cpu.get_cpu_capability()`, saved with the
 # cache entry); another ISA (AVX2 vs AVX-512) or torch version still gives another checkpoint.
 TRAIN_THREADS = 2
