@@ -38,7 +38,8 @@ METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
 # samples everywhere. Every such run must come out marked synthetic.
 TINY = ["model=fmnist_vit_small", "model.weights=random", "calib.num_samples=32", "calib.heldout_samples=16",
         "calib.batch_size=16", "zfit.iters=10", "zfit.batch_size=16", "data.eval_subset=64",
-        "data.finetune_subset=64", "finetune.batch_size=32", "eval.batch_size=64"]
+        "data.finetune_subset=64", "finetune.batch_size=32", "eval.batch_size=64",
+        "seed=0"]  # one seed: the embedded table sweeps repeat every cell over seeds 0, 1, 2
 
 
 def compose_sweep(name: str, overrides: list[str] = ()):
@@ -88,8 +89,8 @@ def test_sweep_config_jobs_compose(name):
     assert base.hydra.job.config_name == name
     assert {"model.weights", "data.root", "cache_dir"} <= set(base.hydra.job.config.override_dirname.exclude_keys)
     jobs = grid(base)
-    expected = {"table1_embedded": 10, "table1_paper": 10, "table2_embedded": 12, "table2_paper": 36,
-                "table3_embedded": 3, "table3_paper": 9, "table4_embedded": 6, "table4_paper": 6,
+    expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
+                "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 108, "peers_paper": 36}[name]
     assert len(jobs) == expected
     dirs = set()
@@ -113,6 +114,8 @@ def test_sweep_config_jobs_compose(name):
         if name.startswith("table1"):
             assert cfg.finetune.epochs == 0 and cfg.ratio == 0.5
     assert len(dirs) == len(jobs)  # one directory per job
+    if name.startswith(("table", "peers")) and name.endswith("_embedded"):  # every cell over 3 seeds
+        assert {dict(o.split("=", 1) for o in job).get("seed") for job in jobs} == {"0", "1", "2"}
 
 
 def test_table2_grid_is_models_methods_ratios():

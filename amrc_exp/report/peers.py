@@ -10,10 +10,13 @@ every ratio, each cell the mean ± sample std over the sweep's seeds.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
-from amrc_exp.report.tables import DASH, Table, _settings_note
+from amrc_exp.report.tables import Table, _settings_note, fmt_pm
+
+log = logging.getLogger(__name__)
 
 # method label -> what the column says (and its citation)
 PEER_LABELS = {
@@ -30,31 +33,24 @@ CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; ASVD: Yuan et al. 202
              "algorithms: amrc_exp/math/decompose.py, amrc_exp/math/allocate.py).")
 
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return math.nan, math.nan, 0
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std, len(vals)
+PEER_FIELDS = ("top1_compressed", "top1_finetuned", "agree_compressed", "kl_compressed", "agree_finetuned",
+               "kl_finetuned", "compress_seconds", "params_after", "ratio_achieved")
 
 
-def _pm(mean: float, std: float, n: int, digits: int = 2) -> str:
-    if n == 0:
-        return DASH
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-
-
-def peer_cells(df) -> dict[tuple[float, str], dict[str, Any]]:
-    """{(ratio, method): {field: (mean, std, n)}} over the seeds of each cell."""
-    cells: dict[tuple[float, str], dict[str, Any]] = {}
-    rows = df[df["method"].isin(PEER_LABELS) & ~df["synthetic"]]
-    for (ratio, method), g in rows.groupby(["ratio", "method"]):
-        cells[(float(ratio), str(method))] = {
-            field: _stats(g[field].tolist())
-            for field in ("top1_compressed", "top1_finetuned", "agree_compressed", "kl_compressed",
-                          "agree_finetuned", "kl_finetuned", "compress_seconds", "params_after", "ratio_achieved")}
-    return cells
+def peer_cells(cells) -> dict[tuple[float, str], dict[str, Any]]:
+    """{(ratio, method): {field: (mean, std, n)}} from `tables.cells_frame` (one row per cell, its
+    seeds aggregated). Two cells with one (ratio, method) differ in more than the seed: the first
+    is kept and the other named in a warning rather than pooled."""
+    out: dict[tuple[float, str], dict[str, Any]] = {}
+    rows = cells[cells["method"].isin(PEER_LABELS) & ~cells["synthetic"]].sort_values("run")
+    for _, r in rows.iterrows():
+        key = (float(r["ratio"]), str(r["method"]))
+        if key in out:
+            log.warning("peers: %s is a second cell for ratio %g, method %s (its config differs in more than "
+                        "the seed): left out", r["run"], *key)
+            continue
+        out[key] = {f: (r[f], r[f"{f}_std"], r[f"{f}_n"]) for f in PEER_FIELDS}
+    return out
 
 
 def _compact(df, field: str, number: int, title: str) -> Table:
@@ -70,15 +66,14 @@ def _compact(df, field: str, number: int, title: str) -> Table:
         row = {"ratio": f"-{100 * ratio:g}%"}
         for m in methods:
             mean, std, n = cells.get((ratio, m), {}).get(field, (math.nan, math.nan, 0))
-            text = _pm(mean, std, n) if (ratio, m) in cells else "refused / not run"
+            text = fmt_pm(mean, std, n) if (ratio, m) in cells else "refused / not run"
             row[PEER_LABELS[m]] = f"**{text}**" if n and mean == best else text
             csv.append({"ratio": ratio, "method": m, f"{field}_mean": mean, f"{field}_std": std, "seeds": n})
         others = [v for m, v in means.items() if m != OURS]
         if OURS in means and others:
             row["ours − best other"] = f"{means[OURS] - max(others):+.2f}"
         md.append(row)
-    notes.append("Each cell: mean ± sample std over the seeds (calibration sampling and fine-tune order; "
-                 "one trained model); bold: the best mean of the row. Whole-model budget; 10,000 test images.")
+    notes.append("Bold: the best mean of the row. Whole-model budget; 10,000 test images.")
     notes.append(CITATIONS)
     note = _settings_note(df[df["method"].isin(PEER_LABELS)])
     if note:
@@ -104,11 +99,11 @@ def table7(df) -> Table:
         md.append({
             "ratio": f"-{100 * ratio:g}%", "method": PEER_LABELS[method],
             "params (M)": f"{c['params_after'][0] / 1e6:.3f}",
-            "top-1 no FT": _pm(*c["top1_compressed"]), "agree no FT": _pm(*c["agree_compressed"]),
-            "KL no FT": _pm(*c["kl_compressed"], digits=4),
-            "top-1 FT": _pm(*c["top1_finetuned"]), "agree FT": _pm(*c["agree_finetuned"]),
-            "KL FT": _pm(*c["kl_finetuned"], digits=4),
-            "compress s": _pm(*c["compress_seconds"], digits=1), "seeds": c["top1_compressed"][2],
+            "top-1 no FT": fmt_pm(*c["top1_compressed"]), "agree no FT": fmt_pm(*c["agree_compressed"]),
+            "KL no FT": fmt_pm(*c["kl_compressed"], digits=4),
+            "top-1 FT": fmt_pm(*c["top1_finetuned"]), "agree FT": fmt_pm(*c["agree_finetuned"]),
+            "KL FT": fmt_pm(*c["kl_finetuned"], digits=4),
+            "compress s": fmt_pm(*c["compress_seconds"], digits=1), "seeds": c["top1_compressed"][2],
         })
         csv.append({"ratio": ratio, "method": method,
                     **{f"{k}_{s}": v[i] for k, v in c.items() for i, s in enumerate(("mean", "std", "n"))}})

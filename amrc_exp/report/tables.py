@@ -3,7 +3,8 @@
     python -m amrc_exp.report.tables <sweep dir> [<sweep dir> ...] [--out DIR] [--table N]
 
 Every `results.json` under the given directories with ``"status": "complete"`` is one run
-(failed.json and unfinished jobs are ignored). Which tables are written follows the sweep's
+(failed.json and unfinished jobs are ignored). Runs whose configs differ only in ``seed`` (and
+where they ran) are one cell: it reports the mean ± sample std over them (`cells_frame`). Which tables are written follows the sweep's
 config name (``table2_embedded`` → Table 2; read from ``multirun.yaml`` or the directory name),
 or ``--table``; for other directories every table that has rows is written.
 
@@ -234,9 +235,11 @@ def runs_frame(runs: list[dict[str, Any]]):
     for r in runs:
         c = r["config"]
         t1 = r.get("table1") or {}
+        cell = json.dumps({k: v for k, v in c.items() if k not in NOT_THE_CELL}, sort_keys=True, default=str)
         dense = is_dense_config(c) or (r.get("params_after") == r.get("params_before") and not r.get("layers"))
         rows.append({
             "run": r.get("_run", r["_dir"]),
+            "cell": cell,
             "model": c["model"]["name"],
             "arch": ARCH.get(c["model"]["name"], c["model"]["name"]),
             "method": "dense" if dense else method_of(c),
@@ -272,6 +275,47 @@ def runs_frame(runs: list[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
+# Config keys that do not define a table cell: runs that differ only in them are repeats of
+# one cell (`seed`: calibration sampling and fine-tune order) or the same run elsewhere.
+NOT_THE_CELL = ("seed", "out_dir", "cache_dir", "logger")
+# The measured fields a cell reports as mean, sample std and count over its seeds.
+STAT_FIELDS = ("params_after", "ratio_achieved", "top1_baseline", "top1_compressed", "top1_finetuned", "top1_ptq",
+               "top1", "size_mib_dense_fp16", "size_mib_compressed_fp16", "size_mib_ptq", "z_overhead",
+               "err_before", "err_after", "agree_compressed", "kl_compressed", "agree_finetuned", "kl_finetuned",
+               "compress_seconds")
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    """(mean, sample std, n) of the values that are numbers (None and NaN left out); std 0 for n = 1."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def cells_frame(df):
+    """One row per table cell (runs whose configs differ only in NOT_THE_CELL): every STAT_FIELDS
+    column is the mean over the cell's runs, with `<field>_std` (sample std) and `<field>_n`;
+    `seeds` counts the runs, `seed` lists them, `run` is the first run and `runs` all of them.
+    A cell is synthetic if any of its runs is."""
+    import pandas as pd
+
+    if df.empty:
+        return df
+    rows = []
+    for _, g in df.groupby("cell", sort=False):
+        g = g.sort_values("run")
+        row = g.iloc[0].to_dict()
+        for f in STAT_FIELDS:
+            row[f], row[f"{f}_std"], row[f"{f}_n"] = mean_std(g[f].tolist())
+        row.update(seeds=len(g), seed=",".join(str(s) for s in sorted(g["seed"], key=str)),
+                   runs=";".join(g["run"]), synthetic=bool(g["synthetic"].any()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -293,17 +337,37 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
-def _acc(value: Any, synthetic: bool) -> float:
-    """An accuracy cell's number: NaN when the run is synthetic or did not measure it."""
-    if synthetic or value is None or (isinstance(value, float) and math.isnan(value)):
-        return math.nan
-    return float(value)
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def fmt_pm(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """`mean ± std` (one run: the mean alone; none: —)."""
+    if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return DASH
-    return f"{value:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def _cell(r: Any, field: str) -> str:
+    """A cell's accuracy `field` as mean ± std over its seeds; — for a synthetic run."""
+    if r["synthetic"]:
+        return DASH
+    return fmt_pm(r[field], r[f"{field}_std"], r[f"{field}_n"])
+
+
+def _cell_sig(r: Any, field: str) -> str:
+    """The mean to three significant digits (errors span 1e-4 .. 1 across models), the std to the
+    same decimal place: 0.00300 ± 0.00003."""
+    mean, std, n = r[field], r[f"{field}_std"], r[f"{field}_n"]
+    if not n:
+        return DASH
+    if n == 1:
+        return _fmt_sig(mean)
+    text = f"{mean:#.3g}".rstrip(".")
+    decimals = len(text.split(".")[1]) if "." in text and "e" not in text else 0
+    return f"{text} ± {std:.{decimals}f}"
+
+
+def _stat_csv(r: Any, column: str, field: str, accuracy: bool = True) -> dict[str, Any]:
+    """A cell's CSV columns: `column` (the mean) and `column_std`."""
+    hide = accuracy and r["synthetic"]
+    return {column: math.nan if hide else r[field], f"{column}_std": math.nan if hide else r[f"{field}_std"]}
 
 
 def _fmt_sig(v: Any, digits: int = 3) -> str:
@@ -375,7 +439,19 @@ def _settings_note(df, finetune: bool = True, accuracy: bool = True) -> str | No
         parts.append(f"top-1 on a seeded {'/'.join(ev)}-image subset of the test/val split")
     data = values(lambda c: c["data"]["name"])
     head = f"Data: {', '.join(data)}."
-    return head + (" Reduced settings: " + "; ".join(parts) + "." if parts else " Settings: the paper's Sec 4.1.")
+    return (head + (" Reduced settings: " + "; ".join(parts) + "." if parts else " Settings: the paper's Sec 4.1.")
+            + _seeds_note(df))
+
+
+def _seeds_note(df) -> str:
+    """What a cell is when some cells repeat over seeds (empty when every cell is one run)."""
+    if "seeds" not in df or df["seeds"].max() <= 1:
+        return ""
+    seeds = sorted({s for cell in df["seed"] for s in str(cell).split(",")}, key=lambda s: (len(s), s))
+    counts = sorted(set(df["seeds"]))
+    n = f"{counts[0]} per cell" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} per cell: CSV column `seeds`"
+    return (f" Each cell: mean ± sample std over seeds {', '.join(seeds)} ({n}; `seed` sets calibration "
+            "sampling and fine-tune order, for one trained model).")
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {}  # run dir -> config, filled by build_tables
@@ -401,15 +477,19 @@ def table1(df) -> Table:
         if multi:
             row = {"Model": r["arch"], "Reduction": f"-{_pct(r['ratio'])}%", **row}
         md.append({**row,
-                   "Parameter Count Overhead (% of factorized layers)": _fmt(100 * r["z_overhead"], 2),
-                   "Average Residual Error (before Z)": _fmt_sig(r["err_before"]),
-                   "Average Residual Error": _fmt_sig(r["err_after"]),
+                   "Parameter Count Overhead (% of factorized layers)": fmt_pm(100 * r["z_overhead"],
+                                                                               100 * r["z_overhead_std"],
+                                                                               r["z_overhead_n"]),
+                   "Average Residual Error (before Z)": _cell_sig(r, "err_before"),
+                   "Average Residual Error": _cell_sig(r, "err_after"),
                    "Paper: Overhead": paper[0] if paper else "",
                    "Paper: Average Residual Error": f"{paper[1]:.2f}" if paper else ""})
         csv.append({"model": r["model"], "ratio": r["ratio"], "z_type": r["z_type"], "pipeline": r["pipeline"],
-                    "z_overhead": r["z_overhead"], "err_before": r["err_before"], "err_after": r["err_after"],
+                    **{k: v for f in ("z_overhead", "err_before", "err_after")
+                       for k, v in _stat_csv(r, f, f, accuracy=False).items()},
                     "n_factorized": r["n_factorized"], "paper_overhead": paper[0] if paper else None,
-                    "paper_err": paper[1] if paper else math.nan, "synthetic": r["synthetic"], "run": r["run"]})
+                    "paper_err": paper[1] if paper else math.nan, "synthetic": r["synthetic"], "seeds": r["seeds"],
+                    "run": r["runs"]})
     notes = []
     if not multi and len(sub):
         notes.append(f"{sub['arch'].iloc[0]} compressed by {_pct(sub['ratio'].iloc[0])}% of its parameters; "
@@ -429,12 +509,12 @@ def table1(df) -> Table:
 
 
 def _baseline_rows(df) -> dict[str, Any]:
-    """Per model, the run whose pre-compression evaluation serves as its baseline row
-    (a dense run if there is one, else the first run; all runs of a model evaluate the same
-    dense network before compressing it)."""
+    """Per model, the cell whose pre-compression evaluation serves as its baseline row (a dense
+    cell if there is one, else the one with the most seeds, then the first; all runs of a model
+    evaluate the same dense network before compressing it)."""
     out = {}
     for model, g in df.groupby("model", sort=False):
-        g = g.sort_values("run")
+        g = g.assign(_n=-g["seeds"]).sort_values(["_n", "run"]) if "seeds" in g else g.sort_values("run")
         dense = g[g["method"] == "dense"]
         out[model] = (dense if len(dense) else g).iloc[0]
     return out
@@ -456,9 +536,8 @@ def table2(df) -> Table:
         b = baselines[model]
         any_synth |= bool(b["synthetic"])
         paper = PAPER_TABLE2.get((arch, "Baseline", 0))
-        md.append(_t2_md(arch, "Baseline", _fmt_params(b["params_before"]), _acc(b["top1_baseline"], b["synthetic"]),
-                         math.nan, paper, None))
-        csv.append(_t2_csv(model, "Baseline", None, b["params_before"], 0.0, b["top1_baseline"], None, b, paper))
+        md.append(_t2_md(arch, "Baseline", _fmt_params(b["params_before"]), _cell(b, "top1_baseline"), "", paper, None))
+        csv.append(_t2_csv(model, "Baseline", None, b["params_before"], 0.0, "top1_baseline", None, b, paper))
         g = comp[comp["model"] == model].copy()
         g["m_order"] = [method_order.get(m, 9) for m in g["method"]]
         g = g.sort_values(["m_order", "method", "ratio", "run"], kind="stable")
@@ -472,11 +551,11 @@ def table2(df) -> Table:
             paper = PAPER_TABLE2.get((arch, paper_method, pct)) if paper_method else None
             label = METHOD_LABELS.get(r["method"], r["method"]) + (f" [{Path(r['run']).name}]" if is_dup else "")
             reduction = 100 * r["ratio_achieved"]
-            final = r["top1_finetuned"] if r["finetune_epochs"] else r["top1_compressed"]
-            md.append(_t2_md(arch, label, _fmt_params(r["params_after"], reduction), _acc(final, r["synthetic"]),
-                             _acc(r["top1_compressed"], r["synthetic"]), paper, pct))
-            csv.append(_t2_csv(model, label, r["ratio"], r["params_after"], reduction, final,
-                               r["top1_compressed"], r, paper))
+            final = _final_top1(r)
+            md.append(_t2_md(arch, label, _fmt_params(r["params_after"], reduction), _cell(r, final),
+                             _cell(r, "top1_compressed"), paper, pct))
+            csv.append(_t2_csv(model, label, r["ratio"], r["params_after"], reduction, final, "top1_compressed", r,
+                               paper))
     notes = ["# Params counts the whole model (factors, Z, everything left dense); the reduction is against "
              "the dense model. Top-1 (%) is after partial fine-tuning where the method fine-tunes.",
              "Paper columns: the paper's Table 2 row with the same architecture, method and reduction "
@@ -493,19 +572,25 @@ def table2(df) -> Table:
                  pd.DataFrame(md), pd.DataFrame(csv), notes)
 
 
-def _t2_md(arch, method, params, top1, top1_noft, paper, pct) -> dict[str, str]:
+def _final_top1(r: Any) -> str:
+    """The field of a run's reported top-1: after fine-tuning where the method fine-tunes."""
+    return "top1_finetuned" if r["finetune_epochs"] else "top1_compressed"
+
+
+def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct) -> dict[str, str]:
     return {"Architecture": arch, "Method": method, "# Params (Millions)": params,
-            "Top-1 Accuracy (%)": _fmt(top1), "Top-1 before FT (%)": _fmt(top1_noft) if pct is not None else "",
+            "Top-1 Accuracy (%)": top1, "Top-1 before FT (%)": top1_noft if pct is not None else "",
             "Paper: # Params": _fmt_paper_params(paper[0], pct) if paper else "",
             "Paper: Top-1 (%)": f"{paper[1]:.2f}" if paper else ""}
 
 
-def _t2_csv(model, method, ratio, params, reduction, top1, top1_noft, r, paper) -> dict[str, Any]:
-    synth = bool(r["synthetic"])
+def _t2_csv(model, method, ratio, params, reduction, top1: str, top1_noft: str | None, r, paper) -> dict[str, Any]:
+    no_ft = _stat_csv(r, "top1_before_ft", top1_noft) if top1_noft else {"top1_before_ft": math.nan,
+                                                                          "top1_before_ft_std": math.nan}
     return {"model": model, "arch": ARCH.get(model, model), "method": method, "ratio": ratio,
-            "params_m": params / 1e6, "reduction_pct": reduction, "top1": _acc(top1, synth),
-            "top1_before_ft": _acc(top1_noft, synth), "paper_params_m": paper[0] if paper else math.nan,
-            "paper_top1": paper[1] if paper else math.nan, "synthetic": synth, "run": r["run"]}
+            "params_m": params / 1e6, "reduction_pct": reduction, **_stat_csv(r, "top1", top1), **no_ft,
+            "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[1] if paper else math.nan,
+            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
 
 
 def table3(df) -> Table:
@@ -525,10 +610,10 @@ def table3(df) -> Table:
             if small in baselines:
                 b = baselines[small]
                 any_synth |= bool(b["synthetic"])
-                md.append(_t3_md(arch, _fmt_params(b["params_before"]), _acc(b["top1_baseline"], b["synthetic"]), paper))
-                csv.append(_t3_csv(small, arch, b["params_before"], 0.0, b["top1_baseline"], b, paper))
+                md.append(_t3_md(arch, _fmt_params(b["params_before"]), _cell(b, "top1_baseline"), paper))
+                csv.append(_t3_csv(small, arch, b["params_before"], 0.0, "top1_baseline", b, paper))
             else:
-                md.append(_t3_md(arch, DASH, math.nan, paper))
+                md.append(_t3_md(arch, DASH, DASH, paper))
                 notes.append(f"No run of the reference model {small} in this sweep (its row needs the dense job).")
         g = comp[comp["model"] == big].sort_values(["method", "run"])
         for _, r in g.iterrows():
@@ -537,8 +622,8 @@ def table3(df) -> Table:
             paper = PAPER_TABLE3.get(name) if r["method"] in ("paper", "ours") and r["finetune_epochs"] else None
             label = f"{name} — {METHOD_LABELS.get(r['method'], r['method'])}"
             reduction = 100 * r["ratio_achieved"]
-            final = r["top1_finetuned"] if r["finetune_epochs"] else r["top1_compressed"]
-            md.append(_t3_md(label, _fmt_params(r["params_after"], reduction), _acc(final, r["synthetic"]), paper))
+            final = _final_top1(r)
+            md.append(_t3_md(label, _fmt_params(r["params_after"], reduction), _cell(r, final), paper))
             csv.append(_t3_csv(big, label, r["params_after"], reduction, final, r, paper, r["target_params"]))
     notes.insert(0, "Compressed rows meet `target_params` (whole-model parameters); the reduction is against the "
                     "larger model. Paper-scale targets are the paper's printed compressed sizes (86.0M, 21.7M, 5.0M); "
@@ -549,18 +634,17 @@ def table3(df) -> Table:
                   md, csv, notes, any_synth, comp)
 
 
-def _t3_md(label, params, top1, paper) -> dict[str, str]:
-    return {"Architecture": label, "# Params (Millions)": params, "Top-1 Accuracy (%)": _fmt(top1, 2),
+def _t3_md(label, params, top1: str, paper) -> dict[str, str]:
+    return {"Architecture": label, "# Params (Millions)": params, "Top-1 Accuracy (%)": top1,
             "Paper: # Params": _fmt_paper_params(paper[0], paper[1]) if paper else "",
             "Paper: Top-1 (%)": f"{paper[2]:.1f}" if paper else ""}
 
 
-def _t3_csv(model, label, params, reduction, top1, r, paper, target=None) -> dict[str, Any]:
-    synth = bool(r["synthetic"])
+def _t3_csv(model, label, params, reduction, top1: str, r, paper, target=None) -> dict[str, Any]:
     return {"model": model, "row": label, "target_params": target, "params_m": params / 1e6,
-            "reduction_pct": reduction, "top1": _acc(top1, synth),
+            "reduction_pct": reduction, **_stat_csv(r, "top1", top1),
             "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[2] if paper else math.nan,
-            "synthetic": synth, "run": r["run"]}
+            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
 
 
 def table4(df) -> Table:
@@ -574,7 +658,7 @@ def table4(df) -> Table:
         arch = ARCH.get(model, model)
         g = g.sort_values("run")
         b = _baseline_rows(g)[model]
-        entries = [(f"{arch} baseline (FP16)", 0, 0, b["size_mib_dense_fp16"], b["top1_baseline"], b)]
+        entries = [(f"{arch} baseline (FP16)", 0, 0, "size_mib_dense_fp16", "top1_baseline", b)]
         comp = g[g["method"] != "dense"]
         order = {"paper": 0, "ours": 1}
         for method in sorted(comp["method"].unique(), key=lambda m: (order.get(m, 9), m)):
@@ -585,25 +669,24 @@ def table4(df) -> Table:
                 tag = f" — {METHOD_LABELS.get(method, method)}"
                 # the FP16 row: every run at this ratio has it (PTQ comes after); prefer one without PTQ
                 fp = rg.sort_values(["ptq_bits", "run"]).iloc[0]
-                fp_top1 = fp["top1_finetuned"] if fp["finetune_epochs"] else fp["top1_compressed"]
-                entries.append((f"{label} (FP16){tag}", pct, 0, fp["size_mib_compressed_fp16"], fp_top1, fp))
+                entries.append((f"{label} (FP16){tag}", pct, 0, "size_mib_compressed_fp16", _final_top1(fp), fp))
                 for _, r in rg[rg["ptq_bits"] > 0].sort_values(["ptq_bits", "run"], ascending=[False, True]).iterrows():
                     entries.append((f"{label} + {r['ptq_bits']}-bit PTQ{tag}", pct, r["ptq_bits"],
-                                    r["size_mib_ptq"], r["top1_ptq"], r))
+                                    "size_mib_ptq", "top1_ptq", r))
         for _, r in g[(g["method"] == "dense") & (g["ptq_bits"] > 0)].sort_values(["ptq_bits", "run"]).iterrows():
-            entries.append((f"{arch} baseline + {r['ptq_bits']}-bit PTQ", 0, r["ptq_bits"],
-                            r["size_mib_ptq"], r["top1_ptq"], r))
+            entries.append((f"{arch} baseline + {r['ptq_bits']}-bit PTQ", 0, r["ptq_bits"], "size_mib_ptq", "top1_ptq", r))
         for label, pct, bits, size, top1, r in entries:
             any_synth |= bool(r["synthetic"])
             ours = r["method"] in ("paper", "ours") and (r["finetune_epochs"] or pct == 0)
             paper = PAPER_TABLE4.get((arch, pct, bits)) if (pct == 0 or ours) else None
-            md.append({"Method": label, "Model Size (MiB)": _fmt_mib(size), "Top-1 Accuracy (%)": _fmt(_acc(top1, r["synthetic"])),
+            md.append({"Method": label, "Model Size (MiB)": _fmt_mib(r[size]), "Top-1 Accuracy (%)": _cell(r, top1),
                        "Paper: Size (MiB)": f"{paper[0]:.1f}" if paper else "",
                        "Paper: Top-1 (%)": f"{paper[1]:.2f}" if paper else ""})
-            csv.append({"model": model, "row": label, "compression_pct": pct, "ptq_bits": bits, "size_mib": size,
-                        "top1": _acc(top1, r["synthetic"]), "paper_size_mib": paper[0] if paper else math.nan,
+            csv.append({"model": model, "row": label, "compression_pct": pct, "ptq_bits": bits, "size_mib": r[size],
+                        "size_mib_std": r[f"{size}_std"], **_stat_csv(r, "top1", top1),
+                        "paper_size_mib": paper[0] if paper else math.nan,
                         "paper_top1": paper[1] if paper else math.nan, "synthetic": bool(r["synthetic"]),
-                        "run": r["run"]})
+                        "seeds": r["seeds"], "run": r["runs"]})
     notes = ["Sizes: FP16 = every parameter at 2 bytes; N-bit PTQ = RTN channel-wise codes of every weight matrix "
              "(U, V, G, Y, dense linears, head, patch embedding) at N bits plus an fp16 scale and zero point per "
              "channel, everything else fp16 (App. B).",
@@ -654,7 +737,7 @@ def build_tables(paths: Iterable[str | Path], numbers: Iterable[int] | None = No
     runs = load_results(paths)
     _CONFIGS.clear()
     _CONFIGS.update({r.get("_run", r["_dir"]): r["config"] for r in runs})
-    df = runs_frame(runs)
+    df = cells_frame(runs_frame(runs))
     if numbers is None:
         detected = sorted({n for p in paths for n in tables_for(p)})
         numbers = detected or list(BUILDERS)
