@@ -293,3 +293,38 @@ def test_corrupted_cache_entry_is_detected_and_recomputed(tmp_path, caplog, one_
     assert second["layers"] == first["layers"]  # recomputed, identical
     third = run(_cfg(tmp_path, RANDOM, "out_dir=" + str(tmp_path / "c")))
     assert third["calibration_cached"] is True and third["layers"] == first["layers"]
+
+
+# ----------------------------------------------------------------------------- what the budget error suggests
+
+
+def test_budget_error_suggests_only_what_helps_with_the_ratio_it_allows():
+    """Two bias-free linears of known shapes: each suggested fix comes with the largest ratio it
+    allows, worked out here from the shapes (rank r costs r*(in+out)), and a fix that would not
+    help (the current z_type, a fraction that does not count) is never suggested."""
+    from amrc_exp.compress.config import AMRCConfig, ScheduleConfig, ZConfig
+    from amrc_exp.compress.plan import check_budget
+
+    shapes = [(64, 64), (32, 128)]
+    layers = {f"l{i}": torch.nn.Linear(i_, o_, bias=False) for i, (i_, o_) in enumerate(shapes)}
+    n0 = sum(i * o for i, o in shapes) + 1000  # + parameters outside the compressible layers
+
+    def floor4(removable: int) -> str:
+        return f"{math.floor(removable / n0 * 1e4) / 1e4:.4f}"
+
+    at_rank1 = sum(i * o - (i + o) for i, o in shapes)  # no Z, rank 1
+    at_rank0 = sum(i * o for i, o in shapes)  # no Z, rank 0: the layers vanish
+    with pytest.raises(ConfigError) as err:  # z_type=none already: only min_rank can help
+        check_budget(layers, n0, AMRCConfig(ratio=0.99, z_type=ZConfig("none"), schedule=ScheduleConfig(min_rank=1)))
+    msg = str(err.value)
+    assert f"a number <= {floor4(at_rank1)}" in msg
+    assert f"schedule.min_rank=0 (rank 0 keeps a layer's bias only: ratio <= {floor4(at_rank0)})" in msg
+    assert "cheaper z_type" not in msg and "a lower z_type.fraction" not in msg
+
+    for fraction, lower_helps in ((0.3, True), (0.05, False)):  # at 0.05 Z is already rank 1 here
+        with pytest.raises(ConfigError) as err:  # lowrank Z: none is cheaper
+            check_budget(layers, n0, AMRCConfig(ratio=0.99, z_type=ZConfig("lowrank", fraction),
+                                                schedule=ScheduleConfig(min_rank=1)))
+        msg = str(err.value)
+        assert f"none: ratio <= {floor4(at_rank1)}" in msg and "lowrank:" not in msg
+        assert ("a lower z_type.fraction (0: ratio <=" in msg) is lower_helps, msg

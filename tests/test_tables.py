@@ -307,11 +307,13 @@ def test_peers_tables_are_mean_and_std_over_seeds(tmp_path):
     assert d["compress s"] == "4.0 ± 1.0" and d["seeds"] == 3  # calibrate + allocate; no fine-tune or eval
 
 
-def _seeded(root: Path, name: str, seed: int, **kw) -> dict:
+def _seeded(root: Path, name: str, seed: int, fidelity: dict | None = None, **kw) -> dict:
     """write_run with config.seed = `seed` (the only difference between a cell's runs)."""
     res = write_run(root, f"{name},seed={seed}", **kw)
     path = root / f"{name},seed={seed}" / "results.json"
     res["config"]["seed"] = seed
+    if fidelity:
+        res["fidelity"] = fidelity
     path.write_text(json.dumps(res))
     return res
 
@@ -328,6 +330,7 @@ def test_tables_1_to_4_are_mean_and_std_over_seeds(tmp_path):
         for seed, top1 in enumerate(runs):
             b, a = errs[seed]
             _seeded(tmp_path, f"method={method}", seed, method=method, top1=top1,
+                    fidelity={"finetuned": {"agreement": 97.0 + seed, "kl": 0.01 * (seed + 1)}},
                     table1={"z_overhead": 0.05 + 0.001 * seed, "err_before": b, "err_after": a, "n_factorized": 48})
     write_run(tmp_path, "method=ours,ratio=0.6", method="ours", ratio=0.6, top1=(81.8, 70.0, 75.0))  # another cell
     t1, t2 = build_tables([tmp_path], [1, 2])
@@ -338,6 +341,7 @@ def test_tables_1_to_4_are_mean_and_std_over_seeds(tmp_path):
     before = [t[1] for t in tops["ours"]]
     assert ours["Top-1 before FT (%)"] == f"{mean(before):.2f} ± {stdev(before):.2f}"
     assert row(t2, Method="asvd_mean")["Top-1 Accuracy (%)"] == "80.30 ± 0.42"  # 80.0, 80.6: std 0.4243
+    assert ours["Agreement (%) vs dense"] == "98.00 ± 1.00" and ours["KL vs dense"] == "0.0200 ± 0.0100"
     assert row(t2, Method="asvd_whiten", params="-60%")["Top-1 Accuracy (%)"] == "75.00"  # one run: no ±
     assert row(t2, Method="^Baseline$")["Top-1 Accuracy (%)"] == "81.80 ± 0.00"  # 3 runs, one dense model
     csv = t2.csv[(t2.csv["method"] != "Baseline") & (t2.csv["ratio"] == 0.5)].set_index("method")

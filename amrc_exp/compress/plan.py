@@ -19,7 +19,7 @@ from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, 
 from amrc_exp.errors import ConfigError
 from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_uniform, asvd_search,
                                     candidate_ranks, max_removable, ratio_rank, sensitivity_curve)
-from amrc_exp.math.compensate import z_param_count
+from amrc_exp.math.compensate import Z_TYPES, z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
 
 __all__ = ["layer_weights", "decompose_layers", "layer_specs", "check_budget", "allocate_ranks"]
@@ -69,17 +69,42 @@ def check_budget(layers: dict[str, nn.Linear], n0: int, config: AMRCConfig) -> i
         bare = max_removable(layer_specs(layers, ZConfig("none")), min_rank)
         if bare > 0 and z.name in ("lowrank", "sparse_unstructured", "sparse_structured"):
             raise ConfigError("z_type.fraction", z.fraction, f"a smaller value: {why}, so no ratio can be "
-                              "met; lower z_type.fraction or use a cheaper z_type (diagonal, none)")
+                              f"met; use {_budget_fixes(layers, config, most, n0)}")
         raise ConfigError("schedule.min_rank", min_rank, f"a smaller value: {why}, so no ratio can be met")
     why = (f"at most {most} of its {n0} parameters are removable (every compressible layer at rank "
            f"schedule.min_rank={min_rank}, plus the overhead of z_type={z.name} (z_type.fraction={z.fraction}))")
-    fix = "lower z_type.fraction, a cheaper z_type (lowrank, diagonal, none) or a lower schedule.min_rank"
+    fix = _budget_fixes(layers, config, most, n0)
     if config.target_params is not None:
         raise ConfigError("target_params", config.target_params,
                           f"an integer >= {n0 - most} for this model: {why}; raise target_params or use {fix}")
-    largest = math.floor(most / n0 * 1e4) / 1e4
-    raise ConfigError("ratio", config.ratio, f"a number <= {largest:.4f} for this model: {why}; "
+    raise ConfigError("ratio", config.ratio, f"a number <= {_ratio_floor(most, n0)} for this model: {why}; "
                                              f"lower ratio or use {fix}")
+
+
+def _ratio_floor(removable: int, n0: int) -> str:
+    """The largest ratio (4 decimals, rounded down) that removing `removable` of `n0` meets."""
+    return f"{math.floor(removable / n0 * 1e4) / 1e4:.4f}"
+
+
+def _budget_fixes(layers: dict[str, nn.Linear], config: AMRCConfig, most: int, n0: int) -> str:
+    """The settings that would remove more than `most` parameters from these layer shapes, each
+    with the largest ratio it allows: only those that help, worked out, not a fixed list."""
+    z, min_rank = config.z_type, config.schedule.min_rank
+
+    def removable(z_config: ZConfig, rank: int) -> int:
+        return max_removable(layer_specs(layers, z_config), rank)
+
+    fixes = []
+    if z.fraction > 0 and (m := removable(ZConfig(z.name, 0.0), min_rank)) > most:
+        fixes.append(f"a lower z_type.fraction (0: ratio <= {_ratio_floor(m, n0)})")
+    cheaper = [(name, m) for name in Z_TYPES if name != z.name
+               and (m := removable(ZConfig(name, z.fraction), min_rank)) > most]
+    if cheaper:
+        fixes.append("a cheaper z_type (" + ", ".join(f"{name}: ratio <= {_ratio_floor(m, n0)}"
+                                                     for name, m in sorted(cheaper, key=lambda c: -c[1])) + ")")
+    if min_rank > 0 and (m := removable(z, 0)) > most:
+        fixes.append(f"schedule.min_rank=0 (rank 0 keeps a layer's bias only: ratio <= {_ratio_floor(m, n0)})")
+    return " or ".join(fixes) if fixes else "nothing else: no z_type or schedule.min_rank removes more"
 
 
 # ASVD's candidate kept-parameter ratios: its code uses 0.4..0.9 for weights (LLMs lose little

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,13 +287,12 @@ STAT_FIELDS = ("params_after", "ratio_achieved", "top1_baseline", "top1_compress
 
 
 def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
-    """(mean, sample std, n) of the values that are numbers (None and NaN left out); std 0 for n = 1."""
+    """(mean, sample std, n) of the values that are numbers (None and NaN left out); std 0 for n = 1.
+    `statistics` sums exactly, so equal values give their value and a std of exactly 0."""
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return math.nan, math.nan, 0
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std, len(vals)
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
 
 
 def cells_frame(df):
@@ -346,9 +346,13 @@ def fmt_pm(mean: float, std: float, n: int, digits: int = 2) -> str:
 
 def _cell(r: Any, field: str) -> str:
     """A cell's accuracy `field` as mean ± std over its seeds; — for a synthetic run."""
+    return _cell_digits(r, field, 2)
+
+
+def _cell_digits(r: Any, field: str, digits: int) -> str:
     if r["synthetic"]:
         return DASH
-    return fmt_pm(r[field], r[f"{field}_std"], r[f"{field}_n"])
+    return fmt_pm(r[field], r[f"{field}_std"], r[f"{field}_n"], digits)
 
 
 def _cell_sig(r: Any, field: str) -> str:
@@ -553,11 +557,13 @@ def table2(df) -> Table:
             reduction = 100 * r["ratio_achieved"]
             final = _final_top1(r)
             md.append(_t2_md(arch, label, _fmt_params(r["params_after"], reduction), _cell(r, final),
-                             _cell(r, "top1_compressed"), paper, pct))
+                             _cell(r, "top1_compressed"), paper, pct, r))
             csv.append(_t2_csv(model, label, r["ratio"], r["params_after"], reduction, final, "top1_compressed", r,
                                paper))
     notes = ["# Params counts the whole model (factors, Z, everything left dense); the reduction is against "
              "the dense model. Top-1 (%) is after partial fine-tuning where the method fine-tunes.",
+             "vs dense, at the reported stage: Agreement = % of evaluation images whose top-1 class is the dense "
+             "model's; KL = mean KL(dense ‖ compressed) in nats (they separate methods where top-1 saturates).",
              "Paper columns: the paper's Table 2 row with the same architecture, method and reduction "
              "(its \"Ours\" rows are given next to both of our pipelines; other papers' rows are not repeated)."]
     if any_synth:
@@ -577,9 +583,15 @@ def _final_top1(r: Any) -> str:
     return "top1_finetuned" if r["finetune_epochs"] else "top1_compressed"
 
 
-def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct) -> dict[str, str]:
+def _final_stage(r: Any) -> str:
+    return "finetuned" if r["finetune_epochs"] else "compressed"
+
+
+def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct, r=None) -> dict[str, str]:
+    fidelity = {f"{label} vs dense": _cell_digits(r, f"{short}_{_final_stage(r)}", digits) if r is not None else ""
+                for label, short, digits in (("Agreement (%)", "agree", 2), ("KL", "kl", 4))}
     return {"Architecture": arch, "Method": method, "# Params (Millions)": params,
-            "Top-1 Accuracy (%)": top1, "Top-1 before FT (%)": top1_noft if pct is not None else "",
+            "Top-1 Accuracy (%)": top1, "Top-1 before FT (%)": top1_noft if pct is not None else "", **fidelity,
             "Paper: # Params": _fmt_paper_params(paper[0], pct) if paper else "",
             "Paper: Top-1 (%)": f"{paper[1]:.2f}" if paper else ""}
 
@@ -587,8 +599,10 @@ def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct) -> dict[
 def _t2_csv(model, method, ratio, params, reduction, top1: str, top1_noft: str | None, r, paper) -> dict[str, Any]:
     no_ft = _stat_csv(r, "top1_before_ft", top1_noft) if top1_noft else {"top1_before_ft": math.nan,
                                                                           "top1_before_ft_std": math.nan}
+    fidelity = {k: v if top1_noft else math.nan  # the baseline row is the dense model itself
+                for short in ("agree", "kl") for k, v in _stat_csv(r, short, f"{short}_{_final_stage(r)}").items()}
     return {"model": model, "arch": ARCH.get(model, model), "method": method, "ratio": ratio,
-            "params_m": params / 1e6, "reduction_pct": reduction, **_stat_csv(r, "top1", top1), **no_ft,
+            "params_m": params / 1e6, "reduction_pct": reduction, **_stat_csv(r, "top1", top1), **no_ft, **fidelity,
             "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[1] if paper else math.nan,
             "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
 
