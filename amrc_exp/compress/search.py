@@ -84,7 +84,7 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
     calib = stats.calib
     if "fisher" in _decomp_stats(config) and any(s.fisher is None for s in calib.values()):
         with stage("fisher"):
-            fisher = fisher_rows(model, _probe_of(stats, "decomp.name=fwsvd"), layers)
+            fisher = fisher_rows(model, _probe_of(stats, f"decomp.name={config.decomp.name}"), layers)
             calib = {n: replace(s, fisher=fisher[n]) for n, s in calib.items()}
     with stage("decompose"):
         weights = layer_weights(layers)

@@ -344,12 +344,8 @@ def fmt_pm(mean: float, std: float, n: int, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
-def _cell(r: Any, field: str) -> str:
-    """A cell's accuracy `field` as mean ± std over its seeds; — for a synthetic run."""
-    return _cell_digits(r, field, 2)
-
-
-def _cell_digits(r: Any, field: str, digits: int) -> str:
+def _cell(r: Any, field: str, digits: int = 2) -> str:
+    """A cell's accuracy-like `field` as mean ± std over its seeds; — for a synthetic run."""
     if r["synthetic"]:
         return DASH
     return fmt_pm(r[field], r[f"{field}_std"], r[f"{field}_n"], digits)
@@ -449,7 +445,7 @@ def _settings_note(df, finetune: bool = True, accuracy: bool = True) -> str | No
 
 def _seeds_note(df) -> str:
     """What a cell is when some cells repeat over seeds (empty when every cell is one run)."""
-    if "seeds" not in df or df["seeds"].max() <= 1:
+    if df["seeds"].max() <= 1:
         return ""
     seeds = sorted({s for cell in df["seed"] for s in str(cell).split(",")}, key=lambda s: (len(s), s))
     counts = sorted(set(df["seeds"]))
@@ -518,7 +514,7 @@ def _baseline_rows(df) -> dict[str, Any]:
     evaluate the same dense network before compressing it)."""
     out = {}
     for model, g in df.groupby("model", sort=False):
-        g = g.assign(_n=-g["seeds"]).sort_values(["_n", "run"]) if "seeds" in g else g.sort_values("run")
+        g = g.sort_values(["seeds", "run"], ascending=[False, True])
         dense = g[g["method"] == "dense"]
         out[model] = (dense if len(dense) else g).iloc[0]
     return out
@@ -588,7 +584,7 @@ def _final_stage(r: Any) -> str:
 
 
 def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct, r=None) -> dict[str, str]:
-    fidelity = {f"{label} vs dense": _cell_digits(r, f"{short}_{_final_stage(r)}", digits) if r is not None else ""
+    fidelity = {f"{label} vs dense": _cell(r, f"{short}_{_final_stage(r)}", digits) if r is not None else ""
                 for label, short, digits in (("Agreement (%)", "agree", 2), ("KL", "kl", 4))}
     return {"Architecture": arch, "Method": method, "# Params (Millions)": params,
             "Top-1 Accuracy (%)": top1, "Top-1 before FT (%)": top1_noft if pct is not None else "", **fidelity,
@@ -597,12 +593,13 @@ def _t2_md(arch, method, params, top1: str, top1_noft: str, paper, pct, r=None) 
 
 
 def _t2_csv(model, method, ratio, params, reduction, top1: str, top1_noft: str | None, r, paper) -> dict[str, Any]:
-    no_ft = _stat_csv(r, "top1_before_ft", top1_noft) if top1_noft else {"top1_before_ft": math.nan,
-                                                                          "top1_before_ft_std": math.nan}
-    fidelity = {k: v if top1_noft else math.nan  # the baseline row is the dense model itself
-                for short in ("agree", "kl") for k, v in _stat_csv(r, short, f"{short}_{_final_stage(r)}").items()}
+    # column -> the cell's field; the baseline row (the dense model itself) has only its top-1
+    fields = {"top1": top1, "top1_before_ft": top1_noft, "agree": top1_noft and f"agree_{_final_stage(r)}",
+              "kl": top1_noft and f"kl_{_final_stage(r)}"}
+    stats = {k: v for column, field in fields.items()
+             for k, v in (_stat_csv(r, column, field) if field else {column: math.nan, f"{column}_std": math.nan}).items()}
     return {"model": model, "arch": ARCH.get(model, model), "method": method, "ratio": ratio,
-            "params_m": params / 1e6, "reduction_pct": reduction, **_stat_csv(r, "top1", top1), **no_ft, **fidelity,
+            "params_m": params / 1e6, "reduction_pct": reduction, **stats,
             "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[1] if paper else math.nan,
             "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
 
