@@ -448,8 +448,11 @@ def build_splits(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> Sp
         raise ConfigError("data.name", name, "one of " + ", ".join(DATASETS))
     sources = DATASETS[name](cfg, model=model)
     if sources.num_classes > int(cfg.model.num_classes):
+        found = sources.info.get("classes_found")
+        fewer = (f"; the data has {found} classes: set data.num_classes={found} to match"
+                 if found is not None and found <= int(cfg.model.num_classes) else "")
         raise ConfigError("model.num_classes", cfg.model.num_classes,
-                          f">= {sources.num_classes} (the classes of data={name})")
+                          f">= {sources.num_classes} (data.num_classes of data={name}){fewer}")
 
     n_train, n_val = len(sources.train_eval), len(sources.val)
     n_calib, n_held = int(cfg.calib.num_samples), int(cfg.calib.heldout_samples)

@@ -1,4 +1,4 @@
-"""Crash-safe file writes and content-addressed cache keys.
+"""Crash-safe file writes, content-addressed cache keys, and what the host is.
 
 Every file a later run reads as valid (results.json, cache entries, exported models) is
 written to a temp file in the same directory, fsynced, then renamed over the target, so a
@@ -82,3 +82,17 @@ def network_available(host: tuple[str, int], timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def cpu_model() -> str:
+    """The processor's model name as /proc/cpuinfo gives it (e.g. "AMD EPYC"), else platform's."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import amrc_exp
@@ -50,3 +51,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@dataclass
+class CliResult:
+    """What a CLI invocation returned, shaped like `subprocess.CompletedProcess`."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> CliResult:
+    """`python -m amrc_exp ARGS` inside this process: the console script's own entry
+    (`amrc_exp.__main__.cli`: the preflight, `@hydra.main`, the one-line error handling and the
+    exit code), with its stdout and stderr captured. A subprocess pays ~5-10 s of imports per
+    call on a 2-core machine; the tests that need a real interpreter (a traceback from an
+    import, signals, launchers) still start one. The torch thread count, the root logger and
+    the environment are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+    import sys
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from amrc_exp.__main__ import cli
+
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in [*env, "HYDRA_FULL_ERROR"]}
+    saved = sys.argv, torch.get_num_threads(), logging.root.handlers[:], logging.root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(env)
+    sys.argv = ["amrc", *args]
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv = saved[0]
+        torch.set_num_threads(saved[1])
+        for handler in logging.root.handlers[:]:
+            if handler not in saved[2]:
+                handler.close()
+        logging.root.handlers[:] = saved[2]
+        logging.root.setLevel(saved[3])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -5,8 +5,10 @@ override to set), a non-zero exit, no traceback and nothing half-written (no res
 cache entry, no temp files). The "recoverable" inputs (an all-zero input channel, online
 logging without credentials, a corrupt cache entry) instead run to completion.
 
-Most cases run the real CLI (`python -m amrc_exp`), on a tiny random-weight ViT and synthetic
-data, one thread per process.
+The CLI cases run the console script's own entry (`amrc_exp.__main__.cli`: preflight,
+`@hydra.main`, the one-line error handling, the exit code) in this process (`run_cli`), on a tiny
+random-weight ViT and synthetic data, one thread; three of them (a compose-time, a validation and
+a run-time error) also through a real `python -m amrc_exp` interpreter.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from amrc_exp.errors import ConfigError, DataError, WeightsError
-from tests.conftest import compose_cfg
+from tests.conftest import CliResult, compose_cfg, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"depth": 2, "embed_dim": 32, "num_heads": 2}  # a ~28k-parameter fmnist_vit
@@ -73,14 +75,16 @@ def save_weights(model_or_sd, path: Path) -> Path:
     return path
 
 
-def cli(tmp_path: Path, *args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m amrc_exp TINY... args` with run and cache dirs under tmp_path."""
+def cli(tmp_path: Path, *args: str, subprocess_: bool = False) -> CliResult | subprocess.CompletedProcess:
+    """`python -m amrc_exp TINY... args` with run and cache dirs under tmp_path: in this process
+    through the console script's entry (`run_cli`), or in a real interpreter (`subprocess_`)."""
+    args = [*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *args]
+    if not subprocess_:
+        return run_cli(args)
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(OMP_NUM_THREADS="1", AMRC_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_SILENT="true")
-    run_dir = run_dir or tmp_path / "run"
-    cmd = [sys.executable, "-m", "amrc_exp", *TINY, f"hydra.run.dir={run_dir}",
-           f"cache_dir={tmp_path / 'cache'}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "amrc_exp", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *needles: str) -> str:
@@ -168,12 +172,17 @@ CLI_CASES = {
 }
 
 
+# Through a real interpreter too: a compose-time error (Hydra's own reporting), a validation
+# error and a run-time error (the library's), so the in-process entry stands for the console script.
+SUBPROCESS_CASES = ("unknown_model_group_option", "ratio_zero", "weights_nan")
+
+
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_bad_input(case, tmp_path, weights_dir):
     overrides, needles = CLI_CASES[case]
     (tmp_path / "a_file").write_text("a file where a directory is expected\n")
     args = [o.format(w=weights_dir, t=tmp_path) for o in overrides]
-    proc = cli(tmp_path, *args)
+    proc = cli(tmp_path, *args, subprocess_=case in SUBPROCESS_CASES)
     err = assert_clean_failure(proc, tmp_path, *needles)
     if case == "weights_other_architecture":  # width differs; classes and channels match
         assert "embedding width is 48" in err and "set model.num_classes" not in err

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from amrc_exp.experiment.config import DATASETS, LOGGERS, validate
 from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 from amrc_exp.errors import ConfigError
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.conftest import CONF_DIR, CliResult, compose_cfg, run_cli
 
 GROUPS = ("model", "data", "decomp", "schedule", "z_type", "logger")
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +121,9 @@ def test_unknown_group_option_lists_choices():
     assert "model/resnet50" in str(err.value)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "amrc_exp", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+def _cli(*args: str) -> CliResult:
+    """The console script's entry, in this process (`tests.conftest.run_cli`)."""
+    return run_cli(list(args))
 
 
 @pytest.mark.parametrize("args,needle", [

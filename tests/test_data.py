@@ -261,6 +261,17 @@ def test_image_folder_through_build_splits(image_folder):
     assert splits.train[0][0].shape == (3, 224, 224)
 
 
+def test_a_small_image_folder_names_data_num_classes(image_folder):
+    """2 class folders and model.num_classes=2: data=imagenet still says 1000 classes, so the
+    message must name the key that fixes it, data.num_classes, with the count it found."""
+    with pytest.raises(ConfigError) as err:
+        build_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}", "model.num_classes=2"))
+    assert "model.num_classes=2" in str(err.value) and "set data.num_classes=2" in str(err.value)
+    cfg = make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}", "model.num_classes=2",
+                   "data.num_classes=2", "calib.num_samples=2", "calib.heldout_samples=1")
+    assert build_splits(cfg).info["classes_found"] == 2
+
+
 def test_image_folder_errors_name_data_root(image_folder, tmp_path):
     with pytest.raises(DataError, match="data.root"):
         build_splits(make_cfg("model=deit_t", "data=imagenet"))  # root: null

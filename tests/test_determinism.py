@@ -81,3 +81,27 @@ def test_a_fresh_process_gives_the_same_results(runs, tmp_path):
     cli["weights_sha256"] = hashlib.sha256((tmp_path / "cli" / "model" / "model.safetensors").read_bytes()).hexdigest()
     a = json.loads(json.dumps(runs["a"]))  # as results.json stores it
     assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in cli.items() if k not in VOLATILE}
+
+
+def test_cached_statistics_come_back_in_aligned_memory(tmp_path):
+    """A cache read must hand the solvers the same memory layout as a fresh calibration:
+    safetensors returns tensors at the file's 8-byte offsets, and MKL sums in another order on
+    unaligned data (a 1-ulp difference on AMD EPYC). Torch's own allocations are 64-byte aligned."""
+    import torch
+
+    from amrc_exp.compress.calibrate import LayerStats
+    from amrc_exp.experiment.stats_cache import load_stats, save_stats
+
+    def stats(n: int) -> LayerStats:  # odd sizes, so the file offsets are not all multiples of 64
+        h = torch.randn(n, n, dtype=torch.float64)
+        return LayerStats(H=h @ h.T, x_rep=torch.randn(3, n, dtype=torch.float64), n_samples=4, n_tokens=3,
+                          abs_mean=torch.rand(n, dtype=torch.float64))
+
+    sets = {"heldout": {f"l{n}": stats(n) for n in (5, 7, 9)}, "calib/0000": {f"l{n}": stats(n) for n in (5, 7, 9)}}
+    save_stats(str(tmp_path), "k", sets)
+    back = load_stats(str(tmp_path), "k")
+    for name, layers in sets.items():
+        for layer, s in layers.items():
+            for stat, t in back[name][layer].tensors().items():
+                assert torch.equal(t, getattr(s, stat)), (name, layer, stat)
+                assert t.data_ptr() % 64 == 0, (name, layer, stat, t.data_ptr() % 64)

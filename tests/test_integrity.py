@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from amrc_exp.errors import ConfigError, WeightsError
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,8 +201,7 @@ def test_wrong_wandb_key_without_network_falls_back_offline_within_the_timeout(t
 def test_output_dir_that_cannot_be_created_is_refused_up_front(tmp_path):
     """`hydra.run.dir=/proc/x`: root passes os.access, but the directory cannot be made."""
     for flag, key in (([], "hydra.run.dir"), (["-m"], "hydra.sweep.dir")):
-        proc = subprocess.run([sys.executable, "-m", "amrc_exp", *flag, f"{key}=/proc/amrc_test/x", "logger=none"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        proc = run_cli([*flag, f"{key}=/proc/amrc_test/x", "logger=none"])  # the console script's entry
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert f"invalid config value {key}='/proc/amrc_test/x': expected a writable directory" in proc.stderr
 

@@ -6,7 +6,9 @@ No test touches the network (AMRC_OFFLINE=1, HF_HUB_OFFLINE=1, empty HF/torch ca
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import shutil
 import struct
 import time
 import warnings
@@ -228,7 +230,7 @@ def tiny_fmnist(tmp_path) -> Path:
 def test_train_then_cache_roundtrip_and_corrupt_entry(tiny_fmnist):
     from amrc_exp.data import build_splits
 
-    cfg = make_cfg(f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=64",
+    cfg = make_cfg("model.weights=train", f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=64",
                    "calib.num_samples=32", "calib.heldout_samples=16", "data.finetune_subset=null")
     splits = build_splits(cfg)
     first, info = build_model(cfg, splits)
@@ -304,7 +306,7 @@ def test_stats_key_follows_the_trained_weights(monkeypatch):
     from amrc_exp.experiment import stats_cache as cache
     from amrc_exp.models import fmnist_vit as registry, train as embedded
 
-    cfg, cfg_random = make_cfg(), make_cfg("model.weights=random")
+    cfg, cfg_random = make_cfg("model.weights=train"), make_cfg("model.weights=random")
     keys = lambda: (cache.stats_key(cfg, 64), cache.stats_key(cfg_random, 64))  # noqa: E731
     trained, random_init = keys()
     monkeypatch.setattr(embedded, "RECIPE_VERSION", embedded.RECIPE_VERSION + 1)
@@ -340,7 +342,78 @@ def test_embedded_model_trains_on_the_run_device(tmp_path):
     from amrc_exp.data import build_splits
     from amrc_exp.models import build_model
 
-    cfg = make_cfg("device=cuda", "model.train.epochs=1", f"cache_dir={tmp_path}")
+    cfg = make_cfg("device=cuda", "model.weights=train", "model.train.epochs=1", f"cache_dir={tmp_path}")
     model, info = build_model(cfg, build_splits(cfg))
     assert next(model.parameters()).is_cuda and info["cached"] is False
     assert cache_paths(cfg, "cuda")[0].exists()
+
+
+# ----------------------------------------------------------------------------- the shipped checkpoints
+
+
+@pytest.mark.parametrize("name", ["fmnist_vit", "fmnist_vit_small"])
+def test_shipped_checkpoint_is_the_default_and_matches_its_sidecar(name):
+    """Each embedded model's default weights: the file's SHA-256 (hashed here), the recipe a
+    retrain would be keyed by, and the test top-1, recomputed here on the 10,000 test images."""
+    from amrc_exp.data import build_splits
+    from amrc_exp.models.shipped import CHECKPOINTS
+
+    if not (FMNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
+    cfg = make_cfg(f"model={name}")
+    assert cfg.model.weights == "shipped"
+    record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
+    assert hashlib.sha256((CHECKPOINTS / f"{name}.safetensors").read_bytes()).hexdigest() == record["sha256"]
+    assert record["fields"] == embedded_cache_fields(cfg)
+    trained_by = record["trained_by"]
+    assert trained_by["threads"] == 2 and trained_by["torch"] and trained_by["cpu_capability"] and trained_by["processor"]
+    model, info = build_model(cfg)
+    assert info["weights"] == "shipped" and info["weights_sha256"] == record["sha256"]
+    test = build_splits(cfg).val_full
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test), 1000):
+            x, y = zip(*(test[i] for i in range(start, min(start + 1000, len(test)))))
+            correct += int((model(torch.stack(x)).argmax(-1) == torch.tensor(y)).sum())
+    assert len(test) == 10_000
+    # Another processor's float rounding may flip an image whose top two logits tie: 0.05 = 5 images.
+    assert abs(100.0 * correct / len(test) - record["test_top1"]) <= 0.05
+
+
+def test_shipped_checkpoint_refuses_other_settings_and_corrupt_bytes(tmp_path, monkeypatch):
+    from amrc_exp.models import shipped
+
+    with pytest.raises(ConfigError, match="model.weights=train") as err:
+        build_model(make_cfg("model.train.epochs=2"))
+    assert "model.train.epochs: shipped 8, asked 2" in str(err.value)
+    with pytest.raises(ConfigError, match="no checkpoint ships for model.name=deit_tiny_patch16_224"):
+        build_model(make_cfg("model=deit_t", "model.weights=shipped"))
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(shipped.CHECKPOINTS, copy)
+    monkeypatch.setattr(shipped, "CHECKPOINTS", copy)
+    blob = bytearray((copy / "fmnist_vit.safetensors").read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    (copy / "fmnist_vit.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="is corrupt .*model.weights=train"):
+        build_model(make_cfg())
+    (copy / "fmnist_vit.safetensors").unlink()
+    with pytest.raises(WeightsError, match="is missing"):
+        build_model(make_cfg())
+
+
+def test_a_new_shipped_checkpoint_retires_its_statistics_and_results(tmp_path, monkeypatch):
+    """The stats cache key and a result's recorded inputs carry the shipped file's SHA-256."""
+    from amrc_exp.experiment import stats_cache as cache
+    from amrc_exp.experiment.results import input_identity
+    from amrc_exp.models import shipped
+
+    cfg = make_cfg()
+    before = cache.stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(shipped.CHECKPOINTS, copy)
+    record = json.loads((copy / "fmnist_vit.json").read_text())
+    assert before[1] == record["sha256"]
+    (copy / "fmnist_vit.json").write_text(json.dumps(dict(record, sha256="0" * 64)))
+    monkeypatch.setattr(shipped, "CHECKPOINTS", copy)
+    after = cache.stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
+    assert after[0] != before[0] and after[1] == "0" * 64

@@ -1,5 +1,5 @@
-"""Installed like a real package: a built wheel carries the configs, the notebook and the `amrc`
-console script, and the Hydra app composes from the installed copy (not the checkout)."""
+"""Installed like a real package: a built wheel carries the configs, the notebook, the shipped
+embedded checkpoints and the `amrc` console script, and the Hydra app composes from the installed copy (not the checkout)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ def test_wheel_holds_configs_notebook_and_console_script(wheel):
     conf = {p.relative_to(ROOT).as_posix() for p in (ROOT / "amrc_exp" / "conf").rglob("*.yaml")}
     assert conf and conf <= names, sorted(conf - names)
     assert "amrc_exp/notebooks/figures.ipynb" in names
+    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "amrc_exp" / "models" / "checkpoints").iterdir()}
+    assert {"amrc_exp/models/checkpoints/fmnist_vit.safetensors", "amrc_exp/models/checkpoints/fmnist_vit.json",
+            "amrc_exp/models/checkpoints/fmnist_vit_small.safetensors"} <= shipped <= names, sorted(shipped - names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "amrc = amrc_exp.__main__:cli" in zipfile.ZipFile(wheel).read(entry).decode()
+    scripts = zipfile.ZipFile(wheel).read(entry).decode()
+    for line in ("amrc = amrc_exp.__main__:cli", "amrc-tables = amrc_exp.report.tables:main",
+                 "amrc-figures = amrc_exp.report.figures:main", "amrc-bench = amrc_exp.report.bench:main"):
+        assert line in scripts, scripts
 
 
 def test_installed_copy_composes_from_another_directory(wheel, tmp_path):

@@ -73,7 +73,7 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # timm model name, or a model registered by amrc_exp (fmnist_vit)
-    weights: str = "hub"  # hub | random | train | path to a .safetensors/.pth file
+    weights: str = "hub"  # hub | random | shipped | train | path to a .safetensors/.pth file
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3

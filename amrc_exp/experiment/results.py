@@ -74,20 +74,27 @@ class RunResult:
 WEIGHT_SOURCES = ("hub", "random", "train")  # named sources: the config identifies them
 
 
-def input_identity(weights: str, data_name: str, data_root: Optional[str]) -> dict[str, Optional[str]]:
+def input_identity(weights: str, data_name: str, data_root: Optional[str],
+                   model_name: str = "") -> dict[str, Optional[str]]:
     """What a result depends on beyond its config: the weights file's and the data's content
-    (SHA-256s; None where the config alone identifies them). Stored in results.json, compared
-    by `finished_result` and re-checked by the tables."""
+    (SHA-256s; None where the config alone identifies them; for `shipped`, the SHA-256 its
+    sidecar records, which loading verifies). Stored in results.json, compared by
+    `finished_result` and re-checked by the tables."""
     from amrc_exp.data import data_identity
+    from amrc_exp.models.shipped import sidecar
 
     path = Path(str(weights)).expanduser()
-    weights_sha = file_sha256(path) if str(weights) not in WEIGHT_SOURCES and path.is_file() else None
+    if str(weights) == "shipped":
+        weights_sha = (sidecar(model_name) or {}).get("sha256")
+    else:
+        weights_sha = file_sha256(path) if str(weights) not in WEIGHT_SOURCES and path.is_file() else None
     return {"weights_sha256": weights_sha, "data_sha256": data_identity(str(data_name), data_root)}
 
 
 def inputs_of(config: dict[str, Any]) -> dict[str, Optional[str]]:
     """`input_identity` of a results.json's config, as the files are now."""
-    return input_identity(config["model"]["weights"], config["data"]["name"], config["data"].get("root"))
+    return input_identity(config["model"]["weights"], config["data"]["name"], config["data"].get("root"),
+                          config["model"]["name"])
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     from amrc_exp.models import build_model
 
     config = as_plain(rc)
-    inputs = input_identity(rc.model.weights, rc.data.name, rc.data.root)
+    inputs = input_identity(rc.model.weights, rc.data.name, rc.data.root, rc.model.name)
     previous = finished_result(out_dir / RESULTS, config, inputs)
     if previous is not None:  # a rerun of a sweep skips its finished jobs
         log.info("%s already holds a finished result for this config; skipping", out_dir)

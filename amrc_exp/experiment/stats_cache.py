@@ -42,13 +42,16 @@ def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool 
     statistics than a CPU fp32 one, and neither may stand in for the other."""
     from amrc_exp.models.train import embedded_cache_fields
     from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
+    from amrc_exp.models.shipped import sidecar
 
     model = as_plain(cfg.model)
     model["registry_arch"] = EMBEDDED_ARCHS.get(str(cfg.model.name))  # not in the config; None for timm's
-    if model.get("weights") != "train":
-        model.pop("train", None)  # training recipe only matters for the embedded model
-    else:  # trained by us: the statistics depend on whatever the trained weights depend on
+    if model.get("weights") == "train":  # trained here: the statistics depend on what the weights depend on
         model["trained_weights"] = cache_key(embedded_cache_fields(cfg, device))  # recipe version included
+    else:
+        model.pop("train", None)  # the training recipe only matters for weights trained here
+    if model.get("weights") == "shipped":  # a new shipped checkpoint retires the old statistics
+        model["shipped_sha256"] = (sidecar(str(cfg.model.name)) or {}).get("sha256")
     data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
     return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib,
@@ -100,7 +103,11 @@ def load_stats(cache_dir: str, key: str) -> dict[str, dict[str, LayerStats]] | N
             entry = (f.metadata() or {}).get("entry")
             if entry != manifest.get("entry"):
                 raise ValueError("tensor file and manifest come from different saves")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # Cloned into torch's own (64-byte aligned) memory: safetensors hands out tensors at
+            # the file's 8-byte offsets, and MKL's kernels (e.g. the triangular solves of the
+            # whitening) sum in another order on unaligned data, so a cache read came out 1 ulp
+            # away from a fresh calibration on AMD EPYC (tests/test_determinism.py).
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
         expected = manifest.get("crc32", {})
         bad = [k for k, t in tensors.items() if expected.get(k) != _crc(t)]
         if bad:

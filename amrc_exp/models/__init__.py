@@ -1,7 +1,8 @@
 """Model creation: any timm model (plus our embedded ones) with weights per `model.weights`.
 
 `model.weights` is one of `hub` (timm pretrained, offline-safe), `random` (timm's init, marked
-in results), `train` (embedded: train on first use, then cached) or a path to a weights file.
+in results), `shipped` (embedded: the checkpoint that ships with the package, SHA-256 checked),
+`train` (embedded: train on first use, then cached) or a path to a weights file.
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def _train(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     return model, {"weights": "train", "random_weights": False, **metrics}
 
 
+def _shipped(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
+    from amrc_exp.models.shipped import load_shipped
+    from amrc_exp.models.train import embedded_cache_fields
+
+    model = _seeded_model(cfg)  # forked RNG, as for `train`: the caller's RNG state is untouched
+    info = load_shipped(model, str(cfg.model.name), embedded_cache_fields(cfg))
+    return model, {"weights": "shipped", "random_weights": False, **info}
+
+
 def _file(cfg: DictConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     model = create_model(cfg.model)[0]
     info = load_file(model, str(cfg.model.weights))
@@ -113,14 +123,16 @@ WEIGHT_SOURCES: dict[str, Callable[[DictConfig, Any], tuple[nn.Module, dict[str,
     "random": _random,
     "hub": _hub,
     "train": _train,
+    "shipped": _shipped,
 }
 
 
 def build_model(cfg: DictConfig, splits: Optional[Any] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Create `cfg.model.name` with weights per `cfg.model.weights`; return (model in eval mode, info).
 
-    info: {"weights": hub|random|train|file, "weights_path", "random_weights", "params"} plus,
-    for `train`, {"train_seconds", "train_top1", "test_top1", "cached"}. `splits` is only used
+    info: {"weights": hub|random|train|shipped|file, "weights_path", "random_weights", "params"}
+    plus, for `train` and `shipped`, {"train_seconds", "train_top1", "test_top1"} (and "cached"
+    for `train`, "trained_by" and "weights_sha256" for `shipped`). `splits` is only used
     by `train` (built from `cfg` when not given).
     """
     weights = str(cfg.model.weights)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from amrc_exp.compress.evaluate import top1
 from amrc_exp.data import Splits, loader_options, make_loader
 from amrc_exp.experiment.config import as_plain
-from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
+from amrc_exp.io import atomic_path, atomic_write_json, cache_key, cpu_model, read_json
 from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
 # Bump when the training recipe changes in a way that changes the weights: old caches retire.
@@ -64,7 +64,7 @@ def train_embedded(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[st
 def build_identity() -> dict[str, Any]:
     """What besides the config a CPU checkpoint depends on (saved with it, for the record)."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": TRAIN_THREADS}
+            "threads": TRAIN_THREADS, "processor": cpu_model()}
 
 
 def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:

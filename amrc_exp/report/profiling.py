@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from amrc_exp.io import cpu_model
+
 MIB = 2**20
 
 
@@ -117,7 +119,7 @@ class StageMeter:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, memory, torch build and threads, and the accelerator if one is used."""
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": _mem_total_gib(),
@@ -134,17 +136,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _mem_total_gib() -> float | None:
