@@ -81,11 +81,11 @@ def input_identity(weights: str, data_name: str, data_root: Optional[str],
     sidecar records, which loading verifies). Stored in results.json, compared by
     `finished_result` and re-checked by the tables."""
     from amrc_exp.data import data_identity
-    from amrc_exp.models.shipped import sidecar
+    from amrc_exp.models.shipped import shipped_sha256
 
     path = Path(str(weights)).expanduser()
     if str(weights) == "shipped":
-        weights_sha = (sidecar(model_name) or {}).get("sha256")
+        weights_sha = shipped_sha256(model_name)
     else:
         weights_sha = file_sha256(path) if str(weights) not in WEIGHT_SOURCES and path.is_file() else None
     return {"weights_sha256": weights_sha, "data_sha256": data_identity(str(data_name), data_root)}

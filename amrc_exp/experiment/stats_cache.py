@@ -42,7 +42,7 @@ def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool 
     statistics than a CPU fp32 one, and neither may stand in for the other."""
     from amrc_exp.models.train import embedded_cache_fields
     from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
-    from amrc_exp.models.shipped import sidecar
+    from amrc_exp.models.shipped import shipped_sha256
 
     model = as_plain(cfg.model)
     model["registry_arch"] = EMBEDDED_ARCHS.get(str(cfg.model.name))  # not in the config; None for timm's
@@ -51,7 +51,7 @@ def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool 
     else:
         model.pop("train", None)  # the training recipe only matters for weights trained here
     if model.get("weights") == "shipped":  # a new shipped checkpoint retires the old statistics
-        model["shipped_sha256"] = (sidecar(str(cfg.model.name)) or {}).get("sha256")
+        model["shipped_sha256"] = shipped_sha256(str(cfg.model.name))
     data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
     calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
     return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib,

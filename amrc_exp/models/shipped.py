@@ -32,6 +32,11 @@ def sidecar(name: str) -> Optional[dict[str, Any]]:
     return read_json(path) if path.is_file() else None
 
 
+def shipped_sha256(name: str) -> Optional[str]:
+    """The SHA-256 the sidecar of `name` records (loading verifies the file against it), or None."""
+    return (sidecar(name) or {}).get("sha256")
+
+
 def _differences(shipped: Any, wanted: Any, prefix: str = "") -> list[str]:
     """Dotted keys where two nested dicts differ, with both values."""
     if isinstance(shipped, dict) and isinstance(wanted, dict):
