@@ -23,7 +23,7 @@ from amrc_exp.errors import AmrcError
 register_schema()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://amrc_exp.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return its final top-1 so Hydra sweepers can optimise it."""
     from amrc_exp.experiment.run import run  # deferred: `--help` and `--cfg` stay fast

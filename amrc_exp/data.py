@@ -361,11 +361,11 @@ def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -
 
 
 def timm_transforms(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> tuple[Callable, Callable]:
-    """(train, eval) transforms from timm's data config for the model (or its name)."""
+    """(train, eval) transforms from timm's data config for the model (or its name; our embedded
+    names resolve once `amrc_exp.models` has registered them: data sits below models and never
+    imports them)."""
     import timm
     from timm.data import create_transform, resolve_data_config
-
-    import amrc_exp.models.fmnist_vit  # noqa: F401  (embedded names resolve their cfg too)
 
     input_size = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
     if model is not None:

@@ -146,17 +146,31 @@ def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
                 res["config"].update(method=method, seed=seed)
                 res["config"]["data"]["name"] = "fashion_mnist"
                 path.write_text(json.dumps(res))
+    frontier = tmp_path / "frontier"  # hand-made frontier runs: dense PTQ and ours at one ratio
+    for method, extra in (("dense", {"bits": 4, "size_mib": 0.18, "top1_dense": 89.0}),
+                          ("ours_oa", {"bits": 4, "size_mib": 0.09, "top1_compressed": 80.0, "top1_finetuned": 88.0})):
+        write_run(frontier, method, model="fmnist_vit", method="dense" if method == "dense" else "ours", ratio=0.8,
+                  finetune=2, top1=(89.9, 85.0, 88.5), sizes=(0.62, 0.31, None))
+        path = frontier / method / "results.json"
+        res = json.loads(path.read_text())
+        res["config"]["method"] = method
+        res["ptq_frontier"] = [extra]
+        path.write_text(json.dumps(res))
     out = tmp_path / "figs"
-    env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_PEERS_DIRS", "AMRC_FIG_DIR")}
+    env_before = {k: os.environ.get(k) for k in ("AMRC_SWEEP_DIRS", "AMRC_FIG2_DIRS", "AMRC_PEERS_DIRS",
+                                                 "AMRC_FRONTIER_DIRS", "AMRC_FIG_DIR")}
     try:
         assert figures.main(["--fig-dir", str(out), "--sweep-dirs", str(sweep_output / "t2"),
-                             "--fig2-dirs", str(sweep_output / "fig2"), "--peers-dirs", str(peers)]) == 0
+                             "--fig2-dirs", str(sweep_output / "fig2"), "--peers-dirs", str(peers),
+                             "--frontier-dirs", str(frontier)]) == 0
     finally:
         for k, v in env_before.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     assert sorted(p.name for p in out.iterdir()) == ["fig1_energy_loss.png", "fig2_rank_sensitivity.png",
-                                                      "fig3_layer_error.png", "fig4_peers.png", "figures.ipynb"]
+                                                      "fig3_layer_error.png", "fig4_peers.png", "fig5_frontier.png",
+                                                      "figures.ipynb"]
     assert "fig4_peers.png" in capsys.readouterr().out
     executed = nbformat.read(out / "figures.ipynb", as_version=4)  # saved with its outputs
     text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "3 complete compression run(s), 2 sensitivity run(s)" in text and "Fig 4 skipped" not in text
+    assert "Fig 5 skipped" not in text

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
     # Built from a copy: a build leaves build/ and *.egg-info beside the sources it reads.
-    shutil.copytree(ROOT / "amrc_exp", src / "amrc_exp", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("amrc_exp", "conf", "notebooks"):  # conf/ and notebooks/ are mapped into the package
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
@@ -28,9 +29,12 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_configs_notebook_and_console_script(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    conf = {p.relative_to(ROOT).as_posix() for p in (ROOT / "amrc_exp" / "conf").rglob("*.yaml")}
+    # The top-level conf/ and notebooks/ land inside the package, every module of amrc_exp/ too.
+    conf = {"amrc_exp/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert conf and conf <= names, sorted(conf - names)
     assert "amrc_exp/notebooks/figures.ipynb" in names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "amrc_exp").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "amrc_exp" / "models" / "checkpoints").iterdir()}
     assert {"amrc_exp/models/checkpoints/fmnist_vit.safetensors", "amrc_exp/models/checkpoints/fmnist_vit.json",
             "amrc_exp/models/checkpoints/fmnist_vit_small.safetensors"} <= shipped <= names, sorted(shipped - names)

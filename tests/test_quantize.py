@@ -93,3 +93,28 @@ def test_wide_index_counts_four_bytes():
     wide = LowRankLinear(70_000, 2, 1, bias=False, z_type="sparse_structured", z_size=3)
     # down 70000, up 2, z.values 3×2; z.rows can address ≥ 65536 rows → int32
     assert model_size_mib(wide) * 2**20 == pytest.approx(2 * (70_000 + 2 + 6) + 4 * 3)
+
+
+def test_frontier_rows_match_separate_ptq_runs(tmp_path, one_thread):
+    """ptq.frontier_bits measures each width on a copy of the final model: the same size and
+    top-1 as a separate run with ptq.bits set (the real PTQ stage), and the exported model untouched."""
+    from amrc_exp.experiment.run import run
+    from tests.conftest import compose_cfg
+
+    base = ["model=deit_t", "model.weights=random", "data=synthetic", "+model.kwargs.depth=1", "model.img_size=32",
+            "model.num_classes=10", "ratio=0.5", "calib.num_samples=32", "calib.heldout_samples=16",
+            "calib.batch_size=16", "zfit.iters=5", "schedule.iters=20", "finetune.epochs=1", "data.num_train=64",
+            "data.num_val=64", "logger=none", f"cache_dir={tmp_path / 'cache'}"]
+    out = run(compose_cfg(base + ["ptq.frontier_bits=[8,3]", f"out_dir={tmp_path / 'frontier'}"]))
+    assert [row["bits"] for row in out["ptq_frontier"]] == [8, 3]
+    assert "top1_ptq" not in out and out["top1"] == out["top1_finetuned"]  # the model itself stays unquantized
+    for row in out["ptq_frontier"]:
+        alone = run(compose_cfg(base + [f"ptq.bits={row['bits']}", f"out_dir={tmp_path / str(row['bits'])}"]))
+        assert row["size_mib"] == alone["size_mib_ptq"]
+        assert row["top1_finetuned"] == alone["top1_ptq"]
+        assert row["kl_finetuned"] == pytest.approx(alone["fidelity"]["ptq"]["kl"], rel=1e-12)
+        assert set(row) >= {"top1_compressed", "agree_compressed", "kl_compressed"}
+    dense = run(compose_cfg(base + ["compress=false", "ptq.frontier_bits=[4]", f"out_dir={tmp_path / 'dense'}"]))
+    dense_alone = run(compose_cfg(base + ["compress=false", "ptq.bits=4", f"out_dir={tmp_path / 'dense4'}"]))
+    assert dense["ptq_frontier"][0]["top1_dense"] == dense_alone["top1_ptq"]
+    assert dense["ptq_frontier"][0]["size_mib"] == dense_alone["size_mib_ptq"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from amrc_exp.report import tables
+from amrc_exp.report import paper_tables
 from amrc_exp.report.tables import DASH, build_tables, load_results, main
 
 PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "amrc-vit-paper.md"  # ../shared beside the repo
@@ -235,12 +235,12 @@ def test_cli_writes_markdown_and_csv_detected_from_multirun_yaml(t2_dir, tmp_pat
 
 def test_paper_numbers_as_printed():
     """Spot checks typed from the paper's Tables 1-4 independently of tables.py."""
-    assert tables.PAPER_TABLE1["lowrank"] == ("↓", 0.13) and tables.PAPER_TABLE1["diagonal"] == ("↓", 0.27)
-    assert tables.PAPER_TABLE2[("DeiT-B", "Ours", 50)] == (43.3, 81.35)
-    assert tables.PAPER_TABLE2[("ViT-B", "Vanilla SVD + FT", 50)] == (42.3, 78.50)
-    assert tables.PAPER_TABLE2[("Swin-B", "Ours", 60)] == (35.3, 83.14)
-    assert tables.PAPER_TABLE3["Compressed ViT-L"] == (86.0, 72, 83.1)
-    assert tables.PAPER_TABLE4[("DeiT-B", 0, 4)] == (42.2, 80.72)
+    assert paper_tables.PAPER_TABLE1["lowrank"] == ("↓", 0.13) and paper_tables.PAPER_TABLE1["diagonal"] == ("↓", 0.27)
+    assert paper_tables.PAPER_TABLE2[("DeiT-B", "Ours", 50)] == (43.3, 81.35)
+    assert paper_tables.PAPER_TABLE2[("ViT-B", "Vanilla SVD + FT", 50)] == (42.3, 78.50)
+    assert paper_tables.PAPER_TABLE2[("Swin-B", "Ours", 60)] == (35.3, 83.14)
+    assert paper_tables.PAPER_TABLE3["Compressed ViT-L"] == (86.0, 72, 83.1)
+    assert paper_tables.PAPER_TABLE4[("DeiT-B", 0, 4)] == (42.2, 80.72)
 
 
 @pytest.mark.skipif(not PAPER_MD.exists(), reason="the paper's text is not on this machine")
@@ -262,7 +262,7 @@ def test_paper_table2_matches_the_paper_text():
             continue
         m = re.fullmatch(r"([\d.]+)(?:\(-(\d+)%\))?", params)
         key = (arch, method, int(m.group(2) or 0))
-        assert tables.PAPER_TABLE2[key] == (float(m.group(1)), float(acc)), key
+        assert paper_tables.PAPER_TABLE2[key] == (float(m.group(1)), float(acc)), key
         seen += 1
     assert seen == 20  # 4 baselines + 4 Vanilla SVD + FT + 12 Ours
 
@@ -270,16 +270,16 @@ def test_paper_table2_matches_the_paper_text():
 @pytest.mark.skipif(not PAPER_MD.exists(), reason="the paper's text is not on this machine")
 def test_paper_tables_1_3_4_match_the_paper_text():
     text = PAPER_MD.read_text().replace("<b>", "").replace("</b>", "")
-    for label, (params, red, acc) in tables.PAPER_TABLE3.items():
+    for label, (params, red, acc) in paper_tables.PAPER_TABLE3.items():
         cell = f"{params:.1f}" + (f" \\(-{red}%\\)" if red else "")
         assert re.search(rf"^{re.escape(label)}\t{cell}\t{acc:.1f}$", text, re.M), label
     t4 = text[text.index("Method\tModel Size (MiB)"):]
-    for key, (size, acc) in tables.PAPER_TABLE4.items():
+    for key, (size, acc) in paper_tables.PAPER_TABLE4.items():
         assert re.search(rf"\t{size:.1f}\t{acc:.2f}$", t4, re.M), key
     t1 = text[text.index("Approach\tParameter Count Overhead"):]
     for z, label in (("sparse_unstructured", "Sparse \\(unstructured\\)"), ("sparse_structured", "Sparse \\(structured\\)"),
                      ("diagonal", "Diagonal"), ("lowrank", "Low-Rank")):
-        assert re.search(rf"^{label}\t.*\t{tables.PAPER_TABLE1[z][1]:.2f}", t1, re.M), z
+        assert re.search(rf"^{label}\t.*\t{paper_tables.PAPER_TABLE1[z][1]:.2f}", t1, re.M), z
 
 
 def test_peers_tables_are_mean_and_std_over_seeds(tmp_path):
@@ -345,7 +345,7 @@ def test_tables_1_to_4_are_mean_and_std_over_seeds(tmp_path):
     assert row(t2, Method="asvd_whiten", params="-60%")["Top-1 Accuracy (%)"] == "75.00"  # one run: no ±
     assert row(t2, Method="^Baseline$")["Top-1 Accuracy (%)"] == "81.80 ± 0.00"  # 3 runs, one dense model
     csv = t2.csv[(t2.csv["method"] != "Baseline") & (t2.csv["ratio"] == 0.5)].set_index("method")
-    label = tables.METHOD_LABELS["ours"]
+    label = paper_tables.METHOD_LABELS["ours"]
     assert csv.loc[label, "top1"] == pytest.approx(mean(fine)) and csv.loc[label, "top1_std"] == pytest.approx(stdev(fine))
     assert csv.loc[label, "seeds"] == 3 and csv.loc[label, "run"].count(";") == 2
     assert any("mean ± sample std over seeds 0, 1, 2 (1-3 per cell" in n for n in t2.notes), t2.notes
@@ -373,3 +373,31 @@ def test_tables_3_and_4_are_mean_and_std_over_seeds(tmp_path):
     assert row(t4, Method="8-bit PTQ")["Top-1 Accuracy (%)"] == f"{mean(ptq):.2f} ± {stdev(ptq):.2f}"
     assert row(t4, Method=r"\(FP16\) —")["Top-1 Accuracy (%)"] == "82.00 ± 1.00"  # 81, 82, 83
     assert t4.csv["seeds"].tolist() == [3, 3, 3]
+
+
+def test_frontier_table_interpolates_dense_ptq_at_the_same_size(tmp_path):
+    """Table 8 from hand-made runs: dense PTQ points (8-bit 0.30 MiB 89.0%, 4-bit 0.10 MiB 85.0%),
+    ours at 0.20 MiB (after FT 88.0/88.4/88.2 over seeds): dense interpolated by hand at 0.20 MiB is
+    85.0 + (89.0 - 85.0) * (0.20 - 0.10) / (0.30 - 0.10) = 87.0, so the gap is +1.20; a point below
+    the smallest dense size has no gap."""
+    for seed in range(3):
+        dense = _seeded(tmp_path, "dense", seed, model="fmnist_vit", method="dense", top1=(89.9, 89.9, 89.9),
+                        sizes=(0.62, 0.62, None))
+        dense["ptq_frontier"] = [{"bits": 8, "size_mib": 0.30, "top1_dense": 89.0},
+                                 {"bits": 4, "size_mib": 0.10, "top1_dense": 85.0}]
+        ours = _seeded(tmp_path, "ours", seed, model="fmnist_vit", method="ours", ratio=0.8, finetune=2,
+                       top1=(89.9, 80.0 + seed, 89.0), sizes=(0.62, 0.31, None))
+        ours["config"]["method"] = "ours_oa"
+        ours["ptq_frontier"] = [{"bits": 6, "size_mib": 0.20, "top1_compressed": 79.0,
+                                 "top1_finetuned": (88.0, 88.4, 88.2)[seed]},
+                                {"bits": 3, "size_mib": 0.05, "top1_compressed": 60.0, "top1_finetuned": 70.0}]
+        for name, res in (("dense", dense), ("ours", ours)):
+            (tmp_path / f"{name},seed={seed}" / "results.json").write_text(json.dumps(res))
+    (t8,) = build_tables([tmp_path], [8])
+    six = row(t8, point="ours −80% \\+ 6-bit")
+    assert six["MiB"] == "0.2000" and six["top-1 after FT"] == "88.20 ± 0.20"
+    assert six["dense PTQ at this MiB"] == "87.00" and six["gap"] == "+1.20"
+    three = row(t8, point="ours −80% \\+ 3-bit")
+    assert three["dense PTQ at this MiB"] == "outside the dense points" and three["gap"] == ""
+    assert row(t8, point="dense \\+ 4-bit")["top-1 before FT"] == "85.00 ± 0.00"
+    assert row(t8, point="ours −80% fp16")["top-1 before FT"] == "81.00 ± 1.00"

@@ -23,7 +23,7 @@ from amrc_exp.compress.config import (
     ZFitConfig,
 )
 from amrc_exp.compress.evaluate import Evaluation, evaluate, top1
-from amrc_exp.compress.finetune import partial_finetune
+from amrc_exp.compress.finetune import FinetuneLoss, partial_finetune
 from amrc_exp.compress.lowrank import LayerPlan, LowRankLinear, compress_, count_params
 from amrc_exp.compress.ptq import model_size_mib, quantize_
 from amrc_exp.compress.search import CompressionReport, compress_model, search
@@ -33,5 +33,5 @@ __all__ = [
     "CalibStats", "LayerStats", "calibrate", "collect_stats", "find_layers",
     "CompressionReport", "LayerReport", "compress_model", "search",
     "LayerPlan", "LowRankLinear", "compress_", "count_params",
-    "partial_finetune", "quantize_", "model_size_mib", "top1", "evaluate", "Evaluation",
+    "partial_finetune", "FinetuneLoss", "quantize_", "model_size_mib", "top1", "evaluate", "Evaluation",
 ]

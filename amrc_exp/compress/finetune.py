@@ -2,18 +2,26 @@
 
 The compressed factors (U, V, Z) and every other weight matrix stay frozen: they were already
 fitted by the compression stages, and this keeps the trainable share near 2% of the model.
+
+The loss is the paper's cross-entropy on labels (`ce`), or distillation from the dense model
+(`kd`: Hinton et al. 2015, arXiv:1503.02531, T^2 KL between the temperature-softened outputs),
+or their mix (`ce+kd`). The dense teacher's logits are computed on the fly, so augmented views
+are distilled correctly.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from amrc_exp.compress.evaluate import autocast_for
+from amrc_exp.compress.evaluate import autocast_for, kl_rows
 
 # Parameter names trained by the paper's partial fine-tune (timm naming).
 TRAINABLE = re.compile(r"(^|\.)(norm\d*|ln\w*)\.|\.bias$|^bias$|^head\.|^head$|^patch_embed\.|"
@@ -29,15 +37,66 @@ def _check_finite(running: torch.Tensor, loss: torch.Tensor | None) -> None:
         raise FloatingPointError(f"fine-tuning loss became {last}; lower finetune.lr")
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters partial fine-tuning updates."""
-    return [n for n, _ in model.named_parameters() if TRAINABLE.search(n)]
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch.
+
+    The T^2 keeps its gradient on the scale of cross-entropy's as T changes (Hinton et al. 2015)."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return kl_rows(log_t, log_s).mean().to(student.dtype if student.is_floating_point() else torch.float32) \
+        * temperature ** 2
+
+
+@dataclass(frozen=True)
+class FinetuneLoss:
+    """What partial fine-tuning minimises. `weight`: the KD share of `ce+kd` (ignored otherwise)."""
+
+    name: str = "ce"
+    temperature: float = 2.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.name not in LOSSES:
+            raise ValueError(f"loss {self.name!r}: one of {', '.join(LOSSES)}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.name != "ce"
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 teacher_logits: Optional[torch.Tensor]) -> torch.Tensor:
+        return LOSSES[self.name](self, logits, labels, teacher_logits)
+
+
+# finetune.loss -> (loss config, student logits, labels, teacher logits) -> scalar loss
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ce": lambda c, out, y, t: F.cross_entropy(out, y),
+    "kd": lambda c, out, y, t: distill_kl(out, t, c.temperature),
+    "ce+kd": lambda c, out, y, t: ((1 - c.weight) * F.cross_entropy(out, y)
+                                   + c.weight * distill_kl(out, t, c.temperature)),
+}
+
+
+SCOPES = ("partial", "all")  # partial: the paper's set (TRAINABLE); all: the low-rank factors and Z too
+
+
+def trainable_names(model: nn.Module, scope: str = "partial") -> list[str]:
+    """Names of the parameters fine-tuning updates: the paper's partial set, or every parameter."""
+    if scope not in SCOPES:
+        raise ValueError(f"fine-tuning scope {scope!r}: one of {', '.join(SCOPES)}")
+    return [n for n, _ in model.named_parameters() if scope == "all" or TRAINABLE.search(n)]
 
 
 def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight_decay: float,
-                     device: torch.device, amp: bool = False, seed: int = 0) -> dict:
-    """Train the partial parameter set with AdamW and a per-step cosine schedule."""
-    names = set(trainable_names(model))
+                     device: torch.device, amp: bool = False, seed: int = 0,
+                     loss: FinetuneLoss = FinetuneLoss(), teacher: Optional[nn.Module] = None,
+                     scope: str = "partial") -> dict:
+    """Train the `scope` parameter set (`trainable_names`) with AdamW and a per-step cosine schedule.
+
+    `teacher` (the dense model, frozen, in eval mode) is required by the `kd` and `ce+kd` losses."""
+    if loss.needs_teacher and teacher is None:
+        raise ValueError(f"fine-tuning loss {loss.name!r} distils from a teacher: pass the dense model")
+    names = set(trainable_names(model, scope))
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
@@ -51,7 +110,8 @@ def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    loss_fn = nn.CrossEntropyLoss()
+    if teacher is not None:
+        teacher.eval()
     model.train()
     bar = tqdm(total=total, desc="finetune", leave=False, dynamic_ncols=True)
     for _ in range(epochs):
@@ -61,17 +121,19 @@ def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast_for(device, amp):
-                loss = loss_fn(model(images), labels)
+                with torch.no_grad():
+                    target = teacher(images) if loss.needs_teacher else None
+                step_loss = loss(model(images), labels, target)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss.backward()
             opt.step()
             sched.step()
-            running, steps = running + loss.detach().double(), steps + 1
+            running, steps = running + step_loss.detach().double(), steps + 1
             bar.update()
             if steps % CHECK_EVERY == 0:
-                _check_finite(running, loss)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        _check_finite(running, loss if steps else None)  # the epoch's end
+                _check_finite(running, step_loss)
+                bar.set_postfix(loss=f"{step_loss.item():.3f}")
+        _check_finite(running, step_loss if steps else None)  # the epoch's end
         history.append(float(running) / max(steps, 1))
     bar.close()
     model.eval()

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from amrc_exp.compress.finetune import LOSSES, SCOPES, FinetuneLoss
 from amrc_exp.errors import UnknownKeyError
 from amrc_exp.compress.config import (
     AMRCConfig,
@@ -40,9 +41,10 @@ DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "asvd", "fwsvd", "ours_oa")  # sweeps/method/*.yaml
-DataName, LoggerName, LoggerMode, Device = (choices(n, v) for n, v in (
-    ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES)))
+METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "asvd", "fwsvd", "ours_oa", "ours_kd")  # sweeps/method/*.yaml
+DataName, LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
+    ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
+    ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))
 
 
 def _check_recipe(prefix: str, recipe: Any) -> None:
@@ -142,18 +144,36 @@ class FinetuneConfig:
     lr: float = 1.0e-4
     batch_size: int = 64
     weight_decay: float = 0.0
+    loss: LossName = "ce"  # ce (the paper) | kd (distil the dense model) | ce+kd
+    kd_temperature: float = 2.0  # T of the softened outputs (kd, ce+kd)
+    kd_weight: float = 0.5  # the KD share of ce+kd
+    params: ScopeName = "partial"  # partial (the paper: LN, biases, head, patch embed) | all (+ U, V, Z, dense weights)
 
     def __post_init__(self) -> None:
         _check_recipe("finetune", self)
+        self.loss = as_choice(LossName, "finetune.loss", self.loss)
+        self.params = as_choice(ScopeName, "finetune.params", self.params)
+        positive_float("finetune.kd_temperature", self.kd_temperature)
+        check("finetune.kd_weight", self.kd_weight, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+    def objective(self) -> FinetuneLoss:
+        """The library's loss for these settings."""
+        return FinetuneLoss(str(self.loss), float(self.kd_temperature), float(self.kd_weight))
 
 
 @dataclass
 class PTQConfig:
     bits: int = 0  # 0: off; N: N-bit RTN channel-wise on every weight matrix (App. B)
+    # Also measured, each on a copy of the model (the export is unaffected): N-bit PTQ's size
+    # and top-1 before and after fine-tuning, for the accuracy-memory frontier.
+    frontier_bits: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check("ptq.bits", self.bits, lambda v: isinstance(v, int) and (v == 0 or 2 <= v <= 8),
               "0 (off) or an integer 2..8")
+        check("ptq.frontier_bits", list(self.frontier_bits),
+              lambda v: all(isinstance(b, int) and 2 <= b <= 8 for b in v) and len(set(v)) == len(v),
+              "a list of distinct integers 2..8, e.g. [8,6,4,3]")
 
 
 @dataclass

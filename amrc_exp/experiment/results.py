@@ -49,6 +49,8 @@ class RunResult:
     top1: Optional[float] = None  # the last stage's top-1
     # per stage after the baseline: top-1 agreement with the dense model (%) and mean KL(dense ‖ stage)
     fidelity: Optional[dict[str, dict[str, float]]] = None
+    # ptq.frontier_bits: one row per bit width {bits, size_mib, top1_<stage>, agree_<stage>, kl_<stage>}
+    ptq_frontier: Optional[list[dict[str, Any]]] = None
     calibration_cached: Optional[bool] = None
     zfit_minibatches: Optional[int] = None
     layers: Optional[list[dict[str, Any]]] = None  # one LayerReport row per compressible layer

@@ -6,6 +6,7 @@ also written to `<out_dir>/results.json`.
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 from dataclasses import replace
@@ -101,18 +102,38 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             res.fidelity = {**(res.fidelity or {}), stage: ev.fidelity(dense)}
             return ev.top1
 
+        def measure_frontier(stage: str) -> None:
+            """ptq.frontier_bits: each width on a copy of the model as it is now (size, top-1, fidelity)."""
+            rows = {row["bits"]: row for row in res.ptq_frontier or []}
+            with timer(f"frontier_{stage}"):
+                for bits in rc.ptq.frontier_bits:
+                    quantized = quantize_(copy.deepcopy(model), bits)
+                    ev = evaluate(quantized, val_loader, device, amp, desc=f"eval {stage} {bits}-bit")
+                    fid = ev.fidelity(dense)
+                    rows[bits] = {**rows.get(bits, {"bits": bits}), "size_mib": model_size_mib(quantized, bits=bits),
+                                  f"top1_{stage}": ev.top1, f"agree_{stage}": fid["agreement"],
+                                  f"kl_{stage}": fid["kl"]}
+            res.ptq_frontier = [rows[b] for b in rc.ptq.frontier_bits]
+
         if rc.compress:
+            # kd / ce+kd distil from the dense model: a frozen copy of it, taken before compression
+            distil = rc.finetune.objective().needs_teacher and rc.finetune.epochs
+            teacher = copy.deepcopy(model) if distil else None
             report, cached = compress_stages(model, splits, rc, device, autocast["calibrate"], timer)
             _record_compression(res, report, cached, count_params(model))
             _log_layers(tracker, report)
             res.top1_compressed = measure("compressed")
-            res.finetune = _finetune(model, splits, rc, device, autocast["finetune"], timer)
+            measure_frontier("compressed")
+            res.finetune = _finetune(model, splits, rc, device, autocast["finetune"], timer, teacher)
+            del teacher
             for i, loss in enumerate(res.finetune["loss_history"]):
                 tracker.log({"finetune/loss": loss, "finetune/epoch": i + 1})
             if rc.finetune.epochs:
                 res.top1_finetuned = measure("finetuned")
+                measure_frontier("finetuned")
         else:  # compress=false: the dense model as loaded (Table 3's references, Table 4's PTQ-only rows)
             res.params_after, res.ratio_achieved, res.layers = n0, 0.0, []
+            measure_frontier("dense")
         res.size_mib_compressed_fp16 = model_size_mib(model, bits=0)
 
         if rc.ptq.bits:
@@ -182,8 +203,8 @@ def _record_compression(res: RunResult, report: CompressionReport, cached: bool,
     res.table1, res.energy_curves = report.summary(), report.energy_curves
 
 
-def _finetune(model, splits, rc: RunConfig, device, amp, timer) -> dict[str, Any]:
-    """Partial fine-tune (Sec 4.1 item 5); a diverged loss names finetune.lr."""
+def _finetune(model, splits, rc: RunConfig, device, amp, timer, teacher=None) -> dict[str, Any]:
+    """Partial fine-tune (Sec 4.1 item 5) with `finetune.loss`; a diverged loss names finetune.lr."""
     from amrc_exp.data import loader_options, make_loader
 
     with timer("finetune"):
@@ -191,7 +212,9 @@ def _finetune(model, splits, rc: RunConfig, device, amp, timer) -> dict[str, Any
                                 seed=rc.seed, **loader_options(rc.data, device))
         try:
             return partial_finetune(model, ft_loader, epochs=rc.finetune.epochs, lr=rc.finetune.lr,
-                                    weight_decay=rc.finetune.weight_decay, device=device, amp=amp, seed=rc.seed)
+                                    weight_decay=rc.finetune.weight_decay, device=device, amp=amp, seed=rc.seed,
+                                    loss=rc.finetune.objective(), teacher=teacher,
+                                    scope=str(rc.finetune.params))
         except FloatingPointError as err:  # a diverged loss: the learning rate is the fix
             if isinstance(err, AmrcError):
                 raise

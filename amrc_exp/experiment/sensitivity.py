@@ -200,7 +200,7 @@ def _log_sensitivity(rc: SensitivityRunConfig, res: dict[str, Any], out_dir: Pat
         tracker.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://amrc_exp.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry: one sensitivity run; returns the baseline top-1."""
     return run_sensitivity(cfg)["top1_baseline"]

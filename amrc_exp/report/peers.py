@@ -14,7 +14,9 @@ import logging
 import math
 from typing import Any
 
-from amrc_exp.report.tables import Table, _settings_note, fmt_pm
+import pandas as pd
+
+from amrc_exp.report.cells import Table, fmt_pm, settings_note
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ PEER_FIELDS = ("top1_compressed", "top1_finetuned", "agree_compressed", "kl_comp
 
 
 def peer_cells(cells) -> dict[tuple[float, str], dict[str, Any]]:
-    """{(ratio, method): {field: (mean, std, n)}} from `tables.cells_frame` (one row per cell, its
+    """{(ratio, method): {field: (mean, std, n)}} from `cells.cells_frame` (one row per cell, its
     seeds aggregated). Two cells with one (ratio, method) differ in more than the seed: the first
     is kept and the other named in a warning rather than pooled."""
     out: dict[tuple[float, str], dict[str, Any]] = {}
@@ -54,8 +56,6 @@ def peer_cells(cells) -> dict[tuple[float, str], dict[str, Any]]:
 
 
 def _compact(df, field: str, number: int, title: str) -> Table:
-    import pandas as pd
-
     cells = peer_cells(df)
     ratios = sorted({r for r, _ in cells})
     methods = [m for m in PEER_LABELS if any((r, m) in cells for r in ratios)]
@@ -75,7 +75,7 @@ def _compact(df, field: str, number: int, title: str) -> Table:
         md.append(row)
     notes.append("Bold: the best mean of the row. Whole-model budget; 10,000 test images.")
     notes.append(CITATIONS)
-    note = _settings_note(df[df["method"].isin(PEER_LABELS)])
+    note = settings_note(df[df["method"].isin(PEER_LABELS)])
     if note:
         notes.append(note)
     return Table(number, title, pd.DataFrame(md), pd.DataFrame(csv), notes)
@@ -90,8 +90,6 @@ def table6(df) -> Table:
 
 
 def table7(df) -> Table:
-    import pandas as pd
-
     cells = peer_cells(df)
     md, csv = [], []
     for (ratio, method) in sorted(cells, key=lambda k: (k[0], list(PEER_LABELS).index(k[1]))):

@@ -1,0 +1,108 @@
+"""The accuracy-memory frontier (Table 8 and Fig 5): top-1 against stored model size for dense
+RTN PTQ at several bit widths, ours low-rank alone (fp16) at every ratio, and ours low-rank +
+N-bit PTQ, each point the mean ± sample std over the sweep's seeds, before and after fine-tuning.
+
+Every ours point is set beside dense PTQ alone at the same size, interpolated linearly in MiB
+between the two nearest dense points (no extrapolation: outside the dense points' range the gap
+is left empty and the table says so).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
+
+OURS = "ours_oa"
+STAGES = ("compressed", "finetuned")  # before / after fine-tuning
+
+
+def _points(cells) -> list[dict[str, Any]]:
+    """One row per (method, ratio, bits) with size, before-FT and after-FT top-1 as (mean, std, n)."""
+    out = []
+    for _, c in cells[cells["method"].isin(["dense", OURS]) & ~cells["synthetic"]].iterrows():
+        dense = c["method"] == "dense"
+        fp16 = {"size_mib": c["size_mib_dense_fp16" if dense else "size_mib_compressed_fp16"],
+                "compressed": c["top1_baseline" if dense else "top1_compressed"],
+                "finetuned": math.nan if dense else c["top1_finetuned"]}
+        fp16_std = {"compressed": c["top1_baseline_std" if dense else "top1_compressed_std"],
+                    "finetuned": math.nan if dense else c["top1_finetuned_std"]}
+        out.append({"method": c["method"], "ratio": 0.0 if dense else float(c["ratio"]), "bits": 16,
+                    "size_mib": (fp16["size_mib"], 0.0, c["seeds"]),
+                    **{st: (fp16[st], fp16_std[st], 0 if dense and st == "finetuned" else c["seeds"])
+                       for st in STAGES}})
+        by_bits: dict[int, list[dict[str, Any]]] = {}
+        for run in c["ptq_frontiers"]:
+            for row in run:
+                by_bits.setdefault(int(row["bits"]), []).append(row)
+        for bits, rows in sorted(by_bits.items(), reverse=True):
+            before = "top1_dense" if dense else "top1_compressed"
+            out.append({"method": c["method"], "ratio": 0.0 if dense else float(c["ratio"]), "bits": bits,
+                        "size_mib": mean_std(r["size_mib"] for r in rows),
+                        "compressed": mean_std(r.get(before) for r in rows),
+                        "finetuned": mean_std(r.get("top1_finetuned") for r in rows)})
+    return out
+
+
+def dense_at(points: list[dict[str, Any]], mib: float) -> float:
+    """Dense PTQ's top-1 at `mib`, linear between the nearest dense points; NaN outside their range."""
+    dense = sorted((p["size_mib"][0], p["compressed"][0]) for p in points if p["method"] == "dense")
+    for (x0, y0), (x1, y1) in zip(dense, dense[1:]):
+        if x0 <= mib <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (mib - x0) / (x1 - x0)
+    return math.nan
+
+
+def best_stage(p: dict[str, Any]) -> str:
+    """The point's reported stage: after fine-tuning where it was fine-tuned."""
+    return "finetuned" if p["finetuned"][2] else "compressed"
+
+
+def table8(df) -> Table:
+    points = sorted(_points(df), key=lambda p: -p["size_mib"][0])
+    md, csv = [], []
+    for p in points:
+        label = "dense" if p["method"] == "dense" else f"ours −{100 * p['ratio']:g}%"
+        label += " fp16" if p["bits"] == 16 else f" + {p['bits']}-bit"
+        ref = math.nan if p["method"] == "dense" else dense_at(points, p["size_mib"][0])
+        top = p[best_stage(p)][0]
+        md.append({"point": label, "MiB": f"{p['size_mib'][0]:.4f}", "top-1 before FT": fmt_pm(*p["compressed"]),
+                   "top-1 after FT": fmt_pm(*p["finetuned"]),
+                   "dense PTQ at this MiB": "" if p["method"] == "dense" else
+                   ("outside the dense points" if math.isnan(ref) else f"{ref:.2f}"),
+                   "gap": "" if math.isnan(ref) else f"{top - ref:+.2f}"})
+        csv.append({"method": p["method"], "ratio": p["ratio"], "bits": p["bits"], "size_mib": p["size_mib"][0],
+                    **{f"top1_{st}{suffix}": p[st][i] for st in STAGES for i, suffix in ((0, ""), (1, "_std"))},
+                    "seeds": p["compressed"][2], "dense_ptq_interp": ref, "gap": top - ref})
+    notes = ["Size: stored MiB (fp16 everything; N-bit: RTN channel-wise codes of every weight matrix plus an fp16 "
+             "scale and zero point per channel, App. B). Dense PTQ has no fine-tuning; ours is fine-tuned "
+             "(fp16, partial), then quantized: `top-1 after FT` is the quantized fine-tuned model.",
+             "gap: ours at its reported stage (after fine-tuning) minus dense PTQ alone interpolated at the same "
+             "MiB, linear between the two nearest dense points; empty outside the dense points' range.",
+             "Dense PTQ is deterministic (no calibration sample, no fine-tuning): its std over seeds is 0."]
+    note = settings_note(df[df["method"].isin(["dense", OURS])])
+    if note:
+        notes.append(note)
+    return Table(8, "The accuracy-memory frontier: top-1 (%) against stored size (MiB)", pd.DataFrame(md),
+                 pd.DataFrame(csv), notes)
+
+
+def plot_frontier(df, ax) -> None:
+    """Fig 5 on `ax`: top-1 vs MiB, dense PTQ as a line, ours per bit width (after fine-tuning)."""
+    points = _points(df)
+    dense = sorted((p["size_mib"][0], p["compressed"][0], p["bits"]) for p in points if p["method"] == "dense")
+    ax.plot([d[0] for d in dense], [d[1] for d in dense], "k--o", label="dense + N-bit PTQ (no FT)")
+    for x, y, b in dense:
+        ax.annotate(f"{b}b", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for bits in sorted({p["bits"] for p in points if p["method"] == OURS}, reverse=True):
+        ours = sorted((p["size_mib"][0], p[best_stage(p)], p["ratio"]) for p in points
+                      if p["method"] == OURS and p["bits"] == bits)
+        ax.errorbar([o[0] for o in ours], [o[1][0] for o in ours], yerr=[o[1][1] for o in ours], marker="o",
+                    capsize=2, label=f"ours low-rank{' fp16' if bits == 16 else f' + {bits}-bit'} (after FT)")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored size (MiB, log)")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=7)
