@@ -105,3 +105,20 @@ def test_presets_compose(tmp_path):
         ("deit_base_patch16_224", 1024, 0.5, 2000, 224)
     s = bench.compose_config("deit_s", [], tmp_path / "out", tmp_path / "cache")
     assert (s.model.name, s.calib.num_samples) == ("deit_small_patch16_224", 256)
+
+
+def test_smoke_onnxruntime_side_by_side(smoke):
+    """Step 5: dense and compressed under onnxruntime; the weight ratio is the ONNX files' own
+    float32 bytes. The exporter folds some constants the same way in both (e.g. the class token
+    into the position embedding), so the files differ by exactly the parameters compression removed."""
+    pytest.importorskip("onnxruntime", reason="the dev extras (onnx, onnxruntime) are not installed")
+    _, out, _ = smoke
+    res = json.loads((out / "bench.json").read_text())
+    o = res["onnxruntime"]
+    assert o["measured"] is True and o["dense_ips"] > 0 and o["compressed_ips"] > 0
+    assert o["ratio"] == pytest.approx(o["compressed_ips"] / o["dense_ips"])
+    gd = res["runs"]["gd"]
+    assert o["dense_weight_bytes"] - o["compressed_weight_bytes"] == 4 * (gd["params_before"] - gd["params_after"])
+    assert o["dense_weight_bytes"] <= 4 * gd["params_before"]
+    assert o["dense_rss_mib"] > 0 and o["compressed_rss_mib"] > 0
+    assert "## onnxruntime" in (out / "bench.md").read_text()

@@ -41,7 +41,8 @@ def test_wheel_holds_configs_notebook_and_console_script(wheel):
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
     for line in ("amrc = amrc_exp.__main__:cli", "amrc-tables = amrc_exp.report.tables:main",
-                 "amrc-figures = amrc_exp.report.figures:main", "amrc-bench = amrc_exp.report.bench:main"):
+                 "amrc-figures = amrc_exp.report.figures:main", "amrc-bench = amrc_exp.report.bench:main",
+                 "amrc-export = amrc_exp.experiment.onnx_export:main"):
         assert line in scripts, scripts
 
 

@@ -24,6 +24,7 @@ CONF = amrc_exp.CONF_DIR
 TABLE_CONFIGS = sorted(p.stem for p in SWEEPS.glob("table*.yaml"))
 FIG_CONFIGS = sorted(p.stem for p in SWEEPS.glob("fig*.yaml"))
 PEER_CONFIGS = sorted(p.stem for p in SWEEPS.glob("peers*.yaml"))
+FRONTIER_CONFIGS = sorted(p.stem for p in SWEEPS.glob("frontier*.yaml"))
 METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "paper": ("asvd_mean", "exp", "lowrank", "gd"),
     "ours": ("asvd_whiten", "exp", "lowrank", "closed_form"),
@@ -33,6 +34,7 @@ METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "asvd": ("asvd", "asvd_search", "none", "gd"),
     "fwsvd": ("fwsvd", "param_uniform", "none", "gd"),
     "ours_oa": ("asvd_whiten", "output_aware", "none", "gd"),
+    "ours_kd": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_oa, fine-tuned by distillation
 }
 # Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
 # samples everywhere. Every such run must come out marked synthetic.
@@ -68,13 +70,14 @@ def test_every_table_and_scale_has_a_sweep_config():
     assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
     assert PEER_CONFIGS == ["peers_embedded", "peers_paper"]
+    assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded"]
 
 
 def test_every_method_config_is_checked():
     assert set(METHOD) | {"dense"} == {p.stem for p in (SWEEPS / "method").glob("*.yaml")}
 
 
-@pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS + PEER_CONFIGS)
+@pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS + PEER_CONFIGS + FRONTIER_CONFIGS)
 def test_sweep_config_jobs_compose(name):
     import timm
 
@@ -91,12 +94,21 @@ def test_sweep_config_jobs_compose(name):
     jobs = grid(base)
     expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
-                "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 108, "peers_paper": 36}[name]
+                "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 108, "peers_paper": 36,
+                "frontier_embedded": 36, "frontier_dense_embedded": 3}[name]
     assert len(jobs) == expected
     dirs = set()
     for job in jobs:
+        seed = dict(o.split("=", 1) for o in job).get("seed")
+        if seed not in (None, "0"):  # a seed only changes the seed: its directory from the seed-0 job's
+            continue
         cfg = compose_sweep(name, job)
+        assert cfg.seed == 0
         dirs.add(cfg.hydra.job.override_dirname)
+        if seed is not None:
+            assert "seed=0" in cfg.hydra.job.override_dirname
+            dirs |= {cfg.hydra.job.override_dirname.replace("seed=0", f"seed={s}")
+                     for s in {dict(o.split("=", 1) for o in j).get("seed") for j in jobs}}
         assert timm.is_model(cfg.model.name)
         method = dict(o.split("=", 1) for o in job).get("method")
         if method in METHOD and "z_type" not in dict(o.split("=", 1) for o in job):
@@ -114,7 +126,7 @@ def test_sweep_config_jobs_compose(name):
         if name.startswith("table1"):
             assert cfg.finetune.epochs == 0 and cfg.ratio == 0.5
     assert len(dirs) == len(jobs)  # one directory per job
-    if name.startswith(("table", "peers")) and name.endswith("_embedded"):  # every cell over 3 seeds
+    if name.startswith(("table", "peers", "frontier")) and name.endswith("_embedded"):  # every cell over 3 seeds
         assert {dict(o.split("=", 1) for o in job).get("seed") for job in jobs} == {"0", "1", "2"}
 
 

@@ -401,3 +401,20 @@ def test_frontier_table_interpolates_dense_ptq_at_the_same_size(tmp_path):
     assert three["dense PTQ at this MiB"] == "outside the dense points" and three["gap"] == ""
     assert row(t8, point="dense \\+ 4-bit")["top-1 before FT"] == "85.00 ± 0.00"
     assert row(t8, point="ours −80% fp16")["top-1 before FT"] == "81.00 ± 1.00"
+
+
+def test_shipped_results_of_two_models_both_load(tmp_path):
+    """Each shipped checkpoint has its own SHA-256 in a result's `inputs`: a sweep holding runs of
+    both embedded models (Table 3) keeps every run, none is taken for stale (the identity is
+    looked up per model, not once per weights source)."""
+    from amrc_exp.experiment.results import input_identity
+
+    for model in ("fmnist_vit", "fmnist_vit_small"):
+        res = write_run(tmp_path, model, model=model, method="dense")
+        res["config"]["model"]["weights"] = "shipped"
+        res["config"]["data"].update(name="fashion_mnist", root="/usr/share/datasets/fashion-mnist")
+        res["inputs"] = input_identity("shipped", "fashion_mnist", "/usr/share/datasets/fashion-mnist", model)
+        (tmp_path / model / "results.json").write_text(json.dumps(res))
+    first, second = (json.loads((tmp_path / m / "results.json").read_text())["inputs"] for m in ("fmnist_vit", "fmnist_vit_small"))
+    assert first != second  # the two checkpoints are told apart
+    assert sorted(r["config"]["model"]["name"] for r in load_results([tmp_path])) == ["fmnist_vit", "fmnist_vit_small"]

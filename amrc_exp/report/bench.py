@@ -10,7 +10,10 @@ no fine-tuning, no PTQ, no logger) and runs, with wall time and peak memory per 
    in a private cache directory);
 3. compressed vs dense images/s at the preset's batch, interleaved repetitions, median;
 4. the same stages with ``zfit.solver=closed_form`` on a freshly loaded model; its calibration
-   is the framework's cache hit of step 2 (same key), reported as such.
+   is the framework's cache hit of step 2 (same key), reported as such;
+5. with onnxruntime installed (the ``onnx`` extra): dense and compressed exported to ONNX
+   (`experiment.onnx_export`), images/s side by side (interleaved, median) and the resident
+   memory each model's session adds in a fresh process (create + one batch, above the bare runtime's).
 
 Writes ``bench.json`` and ``bench.md`` (atomically) to ``--out`` (default
 ``outputs/bench/<preset>``) and prints the per-stage tables. Results are synthetic: timings
@@ -23,6 +26,7 @@ import argparse
 import gc
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -157,6 +161,7 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
                       "dense_ips": ips["dense"], "compressed_ips": ips["compressed"],
                       "ratio": ips["compressed"] / ips["dense"], "dense_s": times["dense"],
                       "compressed_s": times["compressed"], **meter.take()["throughput"]}
+        onnx_figures = _onnx_bench({"dense": dense, "compressed": model}, batch, p, out_dir)
         del model, dense
         gc.collect()
 
@@ -179,7 +184,8 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
                       "ratio": float(cfg.ratio), "z_type": str(cfg.z_type.name), "zfit_iters": int(cfg.zfit.iters),
                       "same_ranks": gd["ranks"] == cf["ranks"]},
             "machine": machine_info(device), "floor": floor, "runs": {"gd": gd, "closed_form": cf},
-            "throughput": throughput, "process_peak_rss_mib": round(max_rss() / 2**20, 1),
+            "throughput": throughput, "onnxruntime": onnx_figures,
+            "process_peak_rss_mib": round(max_rss() / 2**20, 1),
         }
         result["summary"] = report.summary(result)
         result["targets"] = report.targets(result["summary"], device.type, preset)
@@ -189,6 +195,55 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
         return result
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+# Resident memory a session adds (create + one batch), in a fresh process so the two models
+# never share an arena; the bare runtime's own footprint (import) is subtracted.
+_ORT_RSS = """
+import sys, numpy as np, onnxruntime as ort, psutil
+proc = psutil.Process()
+base = proc.memory_info().rss
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+sess.run(None, {"images": np.zeros([int(v) for v in sys.argv[2:]], dtype=np.float32)})
+print((proc.memory_info().rss - base) / 2**20)
+"""
+
+
+def _onnx_bench(models: dict[str, torch.nn.Module], batch: torch.Tensor, p: Preset, out_dir: Path) -> dict[str, Any]:
+    """Step 5: the two models under onnxruntime (CPU), or why it was not measured."""
+    import subprocess
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"measured": False, "note": "onnxruntime not installed (pip install '.[onnx]')"}
+    from amrc_exp.experiment.onnx_export import export_onnx, weight_stats
+
+    folder = Path(tempfile.mkdtemp(prefix=".onnx.", dir=out_dir))
+    try:
+        paths = {k: export_onnx(m, folder / f"{k}.onnx", tuple(batch.shape[1:])) for k, m in models.items()}
+        sessions = {k: ort.InferenceSession(str(v), providers=["CPUExecutionProvider"]) for k, v in paths.items()}
+        feed = {"images": batch.float().cpu().numpy()}
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for rep in range(p.warmup + p.repeats):  # interleaved: both models see the same machine state
+            for k, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                if rep >= p.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        rss = {k: float(subprocess.run([sys.executable, "-c", _ORT_RSS, str(v), *map(str, batch.shape)],
+                                       capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1])
+               for k, v in paths.items()}
+        ips = {k: batch.shape[0] / statistics.median(v) for k, v in times.items()}
+        weights = {k: weight_stats(v)["bytes"] for k, v in paths.items()}
+        return {"measured": True, "batch": int(batch.shape[0]), "repeats": p.repeats, "dense_ips": ips["dense"],
+                "compressed_ips": ips["compressed"], "ratio": ips["compressed"] / ips["dense"],
+                "dense_rss_mib": rss["dense"], "compressed_rss_mib": rss["compressed"],
+                "rss_ratio": rss["compressed"] / rss["dense"] if rss["dense"] > 0 else None,
+                "dense_weight_bytes": weights["dense"], "compressed_weight_bytes": weights["compressed"],
+                "weight_bytes_ratio": weights["compressed"] / weights["dense"]}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

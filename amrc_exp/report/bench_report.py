@@ -67,6 +67,22 @@ def stage_table(stages: dict[str, dict[str, Any]], total: float) -> list[str]:
     return lines
 
 
+def onnx_section(o: dict | None) -> list[str]:
+    """The onnxruntime step's lines (or why it did not run)."""
+    if not o:
+        return []
+    if not o.get("measured"):
+        return ["## onnxruntime", "", f"Not measured: {o.get('note')}.", ""]
+    ratio = "n/a" if o["rss_ratio"] is None else f"{o['rss_ratio']:.3f}"
+    return ["## onnxruntime (CPU; side by side, interleaved; memory: what each session adds, in a fresh process)", "",
+            f"batch {o['batch']}, {o['repeats']} timed repetitions each, median:", "",
+            "| model | images/s | resident memory of the session (MiB) | weights (MiB, float32) |", "|---|---:|---:|---:|",
+            f"| dense | {o['dense_ips']:.2f} | {o['dense_rss_mib']:.1f} | {o['dense_weight_bytes'] / 2**20:.3f} |",
+            f"| compressed | {o['compressed_ips']:.2f} | {o['compressed_rss_mib']:.1f} | "
+            f"{o['compressed_weight_bytes'] / 2**20:.3f} |",
+            f"| **ratio** | **{o['ratio']:.3f}** | **{ratio}** | **{o['weight_bytes_ratio']:.3f}** |", ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The whole report: setup, per-stage tables, throughput, targets, machine."""
     m, tp = result["machine"], result["throughput"]
@@ -91,7 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"batch {tp['batch']}, {tp['warmup']} warm-up + {tp['repeats']} timed repetitions each, median:", "",
             "| model | images/s |", "|---|---:|",
             f"| dense | {tp['dense_ips']:.2f} |", f"| compressed | {tp['compressed_ips']:.2f} |",
-            f"| **ratio** | **{tp['ratio']:.3f}** |", "",
+            f"| **ratio** | **{tp['ratio']:.3f}** |", "", *onnx_section(result.get("onnxruntime")),
             "## Targets", "", "| target | value | limit | met | applies |", "|---|---:|---:|---|---|"]
     for t in result["targets"]:
         out.append(f"| {t['what']} | {t['value']:.3f} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} | "

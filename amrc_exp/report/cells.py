@@ -81,11 +81,13 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
-_INPUTS: dict[tuple, dict] = {}  # weights/data hashes per (weights, data name, root): each file read once
+# weights/data hashes per (weights, model name, data name, root): each file read once. The model's
+# name is part of the key: a `shipped` checkpoint (and its SHA-256) is the model's own.
+_INPUTS: dict[tuple, dict] = {}
 
 
 def _current_inputs(config: dict[str, Any]) -> dict[str, Any]:
-    key = (config["model"]["weights"], config["data"]["name"], config["data"].get("root"))
+    key = (config["model"]["weights"], config["model"]["name"], config["data"]["name"], config["data"].get("root"))
     if key not in _INPUTS:
         _INPUTS[key] = inputs_of(config)
     return _INPUTS[key]
