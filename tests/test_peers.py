@@ -1,10 +1,11 @@
-"""The peer baselines (SVD-LLM, ASVD, FWSVD) and our output-aware allocation, each against an
+"""The peer baselines (SVD-LLM, SVD-LLM V2, ASVD, FWSVD) and our output-aware allocation, each against an
 independent computation: a closed form from the raw token matrix, an eigenvalue tail, an
 analytic gradient, a brute-force search."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from fractions import Fraction
 
 import pytest
@@ -14,11 +15,11 @@ from torch import nn
 
 from amrc_exp.compress.calibrate import collect_stats
 from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
-from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_uniform, asvd_search, candidate_ranks,
-                                    sensitivity_curve, total_params)
+from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_truncation_loss, allocate_uniform,
+                                    asvd_search, candidate_ranks, sensitivity_curve, total_params)
 from amrc_exp.math.compensate import fit_closed_form, z_dense
 from amrc_exp.math.decompose import (asvd_scaled_spectrum, asvd_whiten_spectrum, decompose, fwsvd_spectrum,
-                                     svdllm_spectrum)
+                                     svdllm_spectrum, svdllm_v2_spectrum)
 
 
 
@@ -61,6 +62,55 @@ def test_svdllm_shifts_a_singular_gram_as_its_code_does():
     lt = torch.linalg.cholesky(shifted).T
     ref = torch.linalg.svdvals(lt @ w)
     assert torch.isfinite(sp.left).all() and torch.allclose(sp.sigma, ref, rtol=1e-8)
+
+
+def test_svdllm_v2_truncation_is_the_token_optimum_and_its_loss_the_sigma_tail():
+    """SVD-LLM V2's two-SVD truncation reaches the same optimum as X^+ [X W]_r (independent: the
+    truncated SVD of the token outputs), and its theoretical truncation loss
+    sqrt(sum_{j>r} sigma_j^2) equals the measured ||X (W - W_hat_r)||_F (their Theorem)."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(50, 7, generator=g) * torch.linspace(0.01, 4, 7), torch.randn(7, 6, generator=g)
+    sp = svdllm_v2_spectrum(w, x.T @ x)
+    p, s, qh = torch.linalg.svd(x @ w, full_matrices=False)
+    for r in (1, 3, 5):
+        ref = torch.linalg.pinv(x) @ (p[:, :r] * s[:r]) @ qh[:r]
+        assert torch.allclose(sp.approx(r), ref, atol=1e-8)
+        measured = float(torch.linalg.matrix_norm(x @ (w - sp.approx(r))))
+        assert float(sp.sigma[r:].square().sum().sqrt()) == pytest.approx(measured, rel=1e-8)
+
+
+def test_truncation_loss_allocation_follows_the_v2_formula():
+    """Two groups of same-shape layers with known spectra: each layer's ratio is
+    |G| R (1/log L) / sum_G (1/log L) (computed here by hand), its rank floor((1 - ratio) in out /
+    (in + out)); the budget is met; the layer with the larger truncation loss keeps more."""
+    specs = [LayerSpec(f"blocks.{i}.{t}", 20, 30) for t in ("a", "b") for i in range(2)]
+    groups = ["a", "a", "b", "b"]
+    sig = [torch.full((20,), 40.0), torch.full((20,), 5.0), torch.linspace(30, 3, 20), torch.linspace(90, 9, 20)]
+    dense = sum(s.dense_params for s in specs)
+    to_remove = dense // 2  # R = 0.5 exactly
+    ranks = allocate_truncation_loss(sig, specs, groups, to_remove, min_rank=0)
+    base = 6  # floor(0.5 * 600 / 50)
+    log_l = [float(torch.log(sg[base:].square().sum().sqrt())) for sg in sig]
+    for group in ((0, 1), (2, 3)):
+        inv = [1 / log_l[l] for l in group]
+        for l, w in zip(group, inv):
+            ratio = 2 * 0.5 * w / sum(inv)
+            assert ranks[l] == math.floor((1 - ratio) * 600 / 50 + 1e-9)
+    assert ranks[0] > ranks[1] and ranks[3] > ranks[2]  # larger loss, less compression
+    assert dense - total_params(specs, ranks) >= to_remove
+
+
+def test_truncation_loss_allocation_meets_a_budget_its_rounding_misses():
+    """Budgets the formula's rounding alone may miss: R is raised until the budget is met, and
+    the allocation overshoots it by less than one rank step per layer."""
+    g = torch.Generator().manual_seed(6)
+    specs = [LayerSpec(f"blocks.{i}.fc", 16, 24) for i in range(4)]
+    sig = [torch.rand(16, generator=g).sort(descending=True).values * 100 + 2 for _ in specs]
+    dense = sum(s.dense_params for s in specs)
+    for to_remove in (101, 517, 1003):
+        ranks = allocate_truncation_loss(sig, specs, ["fc"] * 4, to_remove, min_rank=0)
+        removed = dense - total_params(specs, ranks)
+        assert to_remove <= removed < to_remove + 4 * 40
 
 
 def test_asvd_scaling_minimises_the_scaled_error():
@@ -230,7 +280,8 @@ def test_lowrank_z_on_the_whitened_optimum_is_worth_exactly_its_parameters_as_ra
     assert q >= 1 and err == pytest.approx(float(torch.trace(more.T @ h @ more)), rel=1e-6)
 
 
-@pytest.mark.parametrize("decomp,schedule", [("svdllm", "param_uniform"), ("asvd", "asvd_search"),
+@pytest.mark.parametrize("decomp,schedule", [("svdllm", "param_uniform"), ("svdllm_v2", "truncation_loss"),
+                                             ("asvd", "asvd_search"),
                                              ("fwsvd", "param_uniform"), ("asvd_whiten", "output_aware")])
 def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp, schedule):
     """compress_model with labelled loaders, z_type none, rank 0 allowed: the budget is met

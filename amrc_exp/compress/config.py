@@ -24,7 +24,8 @@ from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 
 __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "ZConfig", "ZFitConfig",
-           "Choice", "choices", "UNIFORM", "PARAM_UNIFORM", "ASVD_SEARCH", "OUTPUT_AWARE", "SOLVERS", "check"]
+           "Choice", "choices", "UNIFORM", "PARAM_UNIFORM", "ASVD_SEARCH", "OUTPUT_AWARE", "TRUNCATION_LOSS",
+           "SOLVERS", "check"]
 
 # The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
 # naming. Anchored on ``blocks.<i>.`` so the classifier head, patch embedding and Swin's
@@ -38,7 +39,8 @@ UNIFORM = "uniform"  # the non-mixed baseline: one rank fraction for every layer
 PARAM_UNIFORM = "param_uniform"  # SVD-LLM's / FWSVD's: one kept-parameter fraction for every layer
 ASVD_SEARCH = "asvd_search"  # ASVD's sensitivity-based rank search (calibration loss)
 OUTPUT_AWARE = "output_aware"  # ours: KL-to-dense sensitivities on the exact spectra, Lagrangian allocation
-ALLOCATORS = (*SCHEDULES, UNIFORM, PARAM_UNIFORM, ASVD_SEARCH, OUTPUT_AWARE)
+TRUNCATION_LOSS = "truncation_loss"  # SVD-LLM V2's: per-matrix ratios from the theoretical truncation loss
+ALLOCATORS = (*SCHEDULES, UNIFORM, PARAM_UNIFORM, ASVD_SEARCH, OUTPUT_AWARE, TRUNCATION_LOSS)
 SOLVERS = ("gd", "closed_form")
 
 
@@ -114,8 +116,8 @@ def non_negative_float(key: str, value: Any) -> None:
 @dataclass
 class DecompConfig:
     """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum);
-    the peers `svdllm` (SVD-LLM's whitening), `asvd` (ASVD's channel scaling) and `fwsvd`
-    (Fisher-weighted SVD), see `amrc_exp.math.decompose`."""
+    the peers `svdllm` (SVD-LLM's whitening), `svdllm_v2` (SVD-LLM V2's two-SVD truncation),
+    `asvd` (ASVD's channel scaling) and `fwsvd` (Fisher-weighted SVD), see `amrc_exp.math.decompose`."""
 
     name: DecompName = DecompName("asvd_mean")
     damp: float = 1.0e-4  # relative damping of H (asvd_whiten, closed-form Z): keeps singular H solvable
@@ -131,7 +133,8 @@ class DecompConfig:
 class ScheduleConfig:
     """Sec 3.2's rank allocation: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot`
     schedule; the baselines `uniform` (one rank fraction) and `param_uniform` (one kept-parameter
-    fraction, SVD-LLM / FWSVD); ASVD's `asvd_search`; ours, `output_aware`."""
+    fraction, SVD-LLM / FWSVD); ASVD's `asvd_search`; SVD-LLM V2's `truncation_loss`; ours,
+    `output_aware`."""
 
     name: ScheduleName = ScheduleName("exp")
     iters: int = 500

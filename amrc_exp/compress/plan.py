@@ -8,17 +8,19 @@ once in `layer_weights`.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from amrc_exp.compress.calibrate import LayerStats
-from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, UNIFORM, AMRCConfig, DecompConfig,
-                                      ScheduleConfig, ZConfig)
+from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM, AMRCConfig,
+                                      DecompConfig, ScheduleConfig, ZConfig)
 from amrc_exp.errors import ConfigError
-from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_uniform, asvd_search,
-                                    candidate_ranks, max_removable, ratio_rank, sensitivity_curve)
+from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_truncation_loss,
+                                    allocate_uniform, asvd_search, candidate_ranks, max_removable, ratio_rank,
+                                    sensitivity_curve)
 from amrc_exp.math.compensate import Z_TYPES, z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
 
@@ -116,6 +118,13 @@ ASVD_RATIOS = tuple(i / 10 for i in range(10))
 Sensitivity = Callable[[str, dict[str, list[int]]], dict[str, dict[int, float]]]
 
 
+def weight_type(spec: LayerSpec) -> str:
+    """SVD-LLM V2's allocation group of a layer: its name without block indices, and its shape
+    (`blocks.3.attn.qkv` -> `blocks.attn.qkv 64x192`; Swin's stages differ in width)."""
+    kind = re.sub(r"[.]\d+(?=[.])", "", spec.name)
+    return f"{kind} {spec.n_in}x{spec.n_out}"
+
+
 def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,
                    schedule: ScheduleConfig, sensitivity: Optional[Sensitivity] = None) -> dict[str, int | None]:
     """Rank per layer (None = stays dense) meeting the budget (Sec 3.2); the budget was checked
@@ -127,6 +136,9 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
         ranks = allocate_uniform(specs, to_remove, min_rank)
     elif name == PARAM_UNIFORM:
         ranks = allocate_uniform(specs, to_remove, min_rank, kind="params")
+    elif name == TRUNCATION_LOSS:
+        ranks = allocate_truncation_loss([spectra[s.name].sigma for s in specs], specs,
+                                         [weight_type(s) for s in specs], to_remove, min_rank)
     elif name == ASVD_SEARCH:
         asked = {s.name: {p: ratio_rank(s, p) for p in ASVD_RATIOS} for s in specs}
         loss = sensitivity("loss", {n: sorted(set(d.values())) for n, d in asked.items()})

@@ -41,7 +41,7 @@ DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "asvd", "fwsvd", "ours_oa", "ours_kd")  # sweeps/method/*.yaml
+METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "asvd", "fwsvd", "ours_oa", "ours_kd")  # sweeps/method/*.yaml
 DataName, LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
     ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
     ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "allocate_uniform",
     "allocate_by_cost",
     "asvd_search",
+    "allocate_truncation_loss",
     "UNIFORM_KINDS",
     "sensitivity_curve",
     "candidate_ranks",
@@ -312,6 +314,65 @@ def asvd_search(sensitivity: Sequence[dict[float, float]], specs: Sequence[Layer
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total_params(specs, ranks_at(mid)) <= final else (lo, mid)
     return ranks_at(lo)
+
+
+def _truncation_loss_ranks(sigmas: Sequence[Tensor], specs: Sequence[LayerSpec], groups: Sequence[str],
+                           reduce: float, min_rank: int) -> Ranks:
+    """SVD-LLM V2's ranks for a base reduction ratio `reduce` (Algorithm 1 of its paper)."""
+    base = [ratio_rank(s, 1.0 - reduce) for s in specs]
+    # L_min: the theoretical truncation loss of each matrix at the uniform ratio.
+    losses = [float(sig.to(torch.float64)[r:].square().sum().sqrt()) for sig, r in zip(sigmas, base)]
+    log_loss = [math.log(loss) if loss > 0 else 0.0 for loss in losses]
+    ranks: Ranks = []
+    members: dict[str, list[int]] = {}
+    for l, g in enumerate(groups):
+        members.setdefault(g, []).append(l)
+    ratio = [reduce] * len(specs)
+    for idx in members.values():
+        # reduce_l = |G| R (1 / log L_l) / sum_G (1 / log L_j): a larger loss, less compression.
+        # The formula needs every log L > 0 (L > 1); a group where it is not keeps the uniform
+        # ratio (the paper gives no rule there; its losses, on LLM-sized Grams, are >> 1).
+        if all(log_loss[l] > 0 for l in idx):
+            inv = [1.0 / log_loss[l] for l in idx]
+            for l, w in zip(idx, inv):
+                ratio[l] = len(idx) * reduce * w / sum(inv)
+    for s, r in zip(specs, ratio):
+        rank = max(min_rank, ratio_rank(s, min(1.0, max(0.0, 1.0 - r))))
+        ranks.append(rank if rank <= s.break_even_rank else None)
+    return ranks
+
+
+def allocate_truncation_loss(sigmas: Sequence[Tensor], specs: Sequence[LayerSpec], groups: Sequence[str],
+                             params_to_remove: int, min_rank: int = 0) -> Ranks:
+    """SVD-LLM V2's heterogeneous compression-ratio allocation (Wang et al. 2025, arXiv:2503.12340,
+    Sec 3.1, Algorithm 1), under a whole-model budget.
+
+    At the uniform reduction ratio R, each matrix's theoretical truncation loss is
+    L_min = sqrt(sum of its discarded sigma^2) (`sigmas`: the spectra of its truncation,
+    `svdllm_v2_spectrum`'s); within each group of same-type matrices (`groups`, e.g. every
+    block's attn.qkv), matrix l gets the reduction ratio |G| R (1/log L_l) / sum_G (1/log L_j)
+    and the rank floor((1 - ratio) in out / (in + out)). R starts at the budget's share of the
+    layers' parameters and is raised by bisection (to 1e-9) only as far as the rounding and the
+    clipping of ratios to [0, 1] need for the allocation to meet the budget."""
+    _check_budget(specs, params_to_remove, min_rank)
+    if params_to_remove <= 0:
+        return [None] * len(specs)
+    dense = sum(s.dense_params for s in specs)
+    final = dense - params_to_remove
+
+    def ranks_at(r: float) -> Ranks:
+        return _truncation_loss_ranks(sigmas, specs, groups, r, min_rank)
+
+    lo = params_to_remove / dense
+    if total_params(specs, ranks_at(lo)) <= final:
+        return ranks_at(lo)
+    hi = 1.0
+    if total_params(specs, ranks_at(hi)) > final:  # every layer at min_rank: _check_budget allows it
+        return _uniform(specs, Fraction(0), min_rank, "params")
+    while hi - lo > 1e-9:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total_params(specs, ranks_at(mid)) > final else (lo, mid)
+    return ranks_at(hi)
 
 
 def candidate_ranks(spec: LayerSpec, n: int, min_rank: int = 0) -> list[int]:

@@ -19,6 +19,7 @@ __all__ = [
     "asvd_mean_spectrum",
     "asvd_whiten_spectrum",
     "svdllm_spectrum",
+    "svdllm_v2_spectrum",
     "asvd_scaled_spectrum",
     "fwsvd_spectrum",
     "STATISTICS",
@@ -193,6 +194,23 @@ def svdllm_spectrum(W: Tensor, G: Tensor) -> Spectrum:
     return _whitened(w64, lt, lambda p: torch.linalg.solve_triangular(lt, p, upper=True), "svdllm")
 
 
+def svdllm_v2_spectrum(W: Tensor, G: Tensor) -> Spectrum:
+    """SVD-LLM V2's loss-optimized weight truncation (Wang et al. 2025, arXiv:2503.12340, Sec 3.2).
+
+    Two SVDs instead of a Cholesky: G = U_s diag(lam) U_s^T (the SVD of the symmetric PSD
+    unnormalised Gram, i.e. its eigendecomposition), S = U_s diag(sqrt(lam)), then SVD(S^T W)
+    and W_hat_r = S^{-T} [S^T W]_r. The same minimum of ||X (W - W_hat)||_F as SVD-LLM's, with
+    no Cholesky to fail on an ill-conditioned G; `sigma` holds its singular values, so
+    sqrt(sum_{j>r} sigma_j^2) is the theoretical truncation loss L_min that V2's ratio
+    allocation (`math.allocate.allocate_truncation_loss`) reads. Eigenvalues are floored at
+    1e-12 of the largest so S stays invertible."""
+    w64 = W.to(torch.float64)
+    g = G.to(device=w64.device, dtype=torch.float64)
+    lam, q = torch.linalg.eigh((g + g.mT) / 2)
+    root = lam.clamp_min(1e-12 * lam.abs().max().clamp_min(1e-300)).sqrt()
+    return _whitened(w64, root[:, None] * q.mT, lambda p: q @ (p / root[:, None]), "svdllm_v2")
+
+
 def asvd_scaled_spectrum(W: Tensor, abs_mean: Tensor, alpha: float = 0.5) -> Spectrum:
     """ASVD's activation-aware scaling (Yuan et al. 2023, arXiv:2312.05821, Sec 3.2, "abs_mean").
 
@@ -228,6 +246,7 @@ METHODS: dict[str, tuple[Callable[..., Spectrum], tuple[str, ...]]] = {
     "asvd_mean": (lambda W, x_rep, **_: asvd_mean_spectrum(W, x_rep), ("x_rep",)),
     "asvd_whiten": (lambda W, H, damp, **_: asvd_whiten_spectrum(W, H, damp), ("H",)),
     "svdllm": (lambda W, G, **_: svdllm_spectrum(W, G), ("G",)),
+    "svdllm_v2": (lambda W, G, **_: svdllm_v2_spectrum(W, G), ("G",)),
     "asvd": (lambda W, abs_mean, alpha, **_: asvd_scaled_spectrum(W, abs_mean, alpha), ("abs_mean",)),
     "fwsvd": (lambda W, fisher, **_: fwsvd_spectrum(W, fisher), ("fisher",)),
 }

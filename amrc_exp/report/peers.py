@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 PEER_LABELS = {
     "svd": "SVD",
     "svdllm": "SVD-LLM [Wang+24]",
+    "svdllm_v2": "SVD-LLM V2 [Wang+25]",
     "asvd": "ASVD + search [Yuan+23]",
     "fwsvd": "FWSVD [Hsu+22]",
     "paper": "paper (as published)",
     "ours_oa": "ours (output-aware)",
 }
 OURS = "ours_oa"
-CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; ASVD: Yuan et al. 2023, arXiv:2312.05821; "
+CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; SVD-LLM V2: Wang et al. 2025, arXiv:2503.12340; ASVD: Yuan et al. 2023, arXiv:2312.05821; "
              "FWSVD: Hsu et al. 2022, ICLR, arXiv:2207.00112 (our implementations of their published "
              "algorithms: amrc_exp/math/decompose.py, amrc_exp/math/allocate.py).")
 
