@@ -8,7 +8,9 @@ Three sources, picked by `data.name` through the `DATASETS` registry:
   with timm's transforms for the model (train transform for fine-tuning, eval otherwise).
 - `synthetic`: seeded random tensors of the model's input shape (timing/accounting only).
 
-Every dataset item is `(float tensor C x H x W, normalised; int label)`.
+Every dataset item is `(float tensor C x H x W, normalised; int label)`. `build_splits` takes
+typed settings (`DataConfig`, the model's input `ModelInput`, the calibration sizes and the seed):
+the experiment layer converts its config once, a notebook passes its own.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from amrc_exp.compress.config import UNSET, as_choice, check, choices, optional_positive_int, positive_int
 from amrc_exp.errors import ConfigError, DataError
 from amrc_exp.io import network_available
 
@@ -308,25 +310,36 @@ class Sources:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def fashion_mnist_sources(cfg: DictConfig) -> Sources:
-    arrays = load_fashion_mnist(
-        cfg.data.root, download_dir=Path(str(cfg.cache_dir)).expanduser() / "datasets"
-    )
-    shape = dict(img_size=int(cfg.model.img_size), in_chans=int(cfg.model.in_chans))
+class ModelInput(Protocol):
+    """What the data needs to know of the model (`models.ModelConfig` has it): its timm name (for
+    timm's transforms), its classes and its input shape."""
+
+    name: str
+    num_classes: int
+    img_size: int
+    in_chans: int
+
+
+def fashion_mnist_sources(data: "DataConfig", model: ModelInput, seed: int, cache_dir: Optional[str],
+                          module: Optional[torch.nn.Module] = None) -> Sources:
+    arrays = load_fashion_mnist(data.root, download_dir=None if cache_dir is None
+                                else Path(str(cache_dir)).expanduser() / "datasets")
+    shape = dict(img_size=int(model.img_size), in_chans=int(model.in_chans))
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     return Sources(
-        train_augmented=FashionMNISTDataset(x_train, y_train, augment=bool(cfg.data.augment), **shape),
+        train_augmented=FashionMNISTDataset(x_train, y_train, augment=bool(data.augment), **shape),
         train_eval=FashionMNISTDataset(x_train, y_train, augment=False, **shape),
         val=FashionMNISTDataset(x_test, y_test, augment=False, **shape),
         num_classes=FMNIST_NUM_CLASSES,
     )
 
 
-def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> Sources:
+def imagenet_sources(data: "DataConfig", model: ModelInput, seed: int, cache_dir: Optional[str],
+                     module: Optional[torch.nn.Module] = None) -> Sources:
     """ImageFolder on `<root>/train` and `<root>/val`, with timm's transforms for the model."""
     from torchvision.datasets import ImageFolder
 
-    root = cfg.data.root
+    root = data.root
     if not root:
         raise DataError("data=imagenet needs its ImageFolder root: set data.root=/path/to/imagenet "
                         "(a folder holding train/ and val/, one subfolder per class)")
@@ -346,32 +359,32 @@ def imagenet_sources(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
         raise DataError(f"data.root={str(root)!r}: train/ and val/ must hold the same class folders "
                         f"(only in train: {only_train}, only in val: {only_val})")
-    if len(train.classes) > cfg.data.num_classes:
-        raise ConfigError("data.num_classes", cfg.data.num_classes,
+    if len(train.classes) > data.num_classes:
+        raise ConfigError("data.num_classes", data.num_classes,
                           f">= {len(train.classes)} (class folders found under {root / 'train'})")
-    train_tf, eval_tf = timm_transforms(cfg, model)
-    skip = SkipCounter() if cfg.data.skip_corrupt else None
+    train_tf, eval_tf = timm_transforms(model, module)
+    skip = SkipCounter() if data.skip_corrupt else None
     return Sources(
-        train_augmented=TransformedView(train, train_tf if cfg.data.augment else eval_tf, skip),
+        train_augmented=TransformedView(train, train_tf if data.augment else eval_tf, skip),
         train_eval=TransformedView(train, eval_tf, skip),
         val=TransformedView(val, eval_tf, skip),
-        num_classes=int(cfg.data.num_classes),
+        num_classes=int(data.num_classes),
         info={"classes_found": len(train.classes)},
     )
 
 
-def timm_transforms(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> tuple[Callable, Callable]:
-    """(train, eval) transforms from timm's data config for the model (or its name; our embedded
-    names resolve once `amrc_exp.models` has registered them: data sits below models and never
-    imports them)."""
+def timm_transforms(model: ModelInput, module: Optional[torch.nn.Module] = None) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's data config for the model `module` (or its name; our
+    embedded names resolve once `amrc_exp.models` has registered them: data sits below models and
+    never imports them)."""
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    input_size = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
-    if model is not None:
-        data_cfg = resolve_data_config({"input_size": input_size}, model=model)
+    input_size = (int(model.in_chans), int(model.img_size), int(model.img_size))
+    if module is not None:
+        data_cfg = resolve_data_config({"input_size": input_size}, model=module)
     else:
-        pretrained = timm.models.get_pretrained_cfg(str(cfg.model.name))
+        pretrained = timm.models.get_pretrained_cfg(str(model.name))
         data_cfg = resolve_data_config(
             {"input_size": input_size}, pretrained_cfg=pretrained.to_dict() if pretrained else None
         )
@@ -383,20 +396,48 @@ def timm_transforms(cfg: DictConfig, model: Optional[torch.nn.Module] = None) ->
     return train_tf, eval_tf
 
 
-def synthetic_sources(cfg: DictConfig) -> Sources:
-    shape = (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))
-    num_classes = int(cfg.data.num_classes)
-    train = SyntheticDataset(int(cfg.data.num_train), shape, num_classes, seed=_seed(cfg.seed, _STREAM_SYN_TRAIN))
-    val = SyntheticDataset(int(cfg.data.num_val), shape, num_classes, seed=_seed(cfg.seed, _STREAM_SYN_VAL))
+def synthetic_sources(data: "DataConfig", model: ModelInput, seed: int, cache_dir: Optional[str],
+                      module: Optional[torch.nn.Module] = None) -> Sources:
+    shape = (int(model.in_chans), int(model.img_size), int(model.img_size))
+    num_classes = int(data.num_classes)
+    train = SyntheticDataset(int(data.num_train), shape, num_classes, seed=_seed(seed, _STREAM_SYN_TRAIN))
+    val = SyntheticDataset(int(data.num_val), shape, num_classes, seed=_seed(seed, _STREAM_SYN_VAL))
     return Sources(train, train, val, num_classes=num_classes, synthetic=True)
 
 
-# data.name -> builder(cfg, model) -> Sources
+# data.name -> builder(data, model, seed, cache_dir, module) -> Sources
 DATASETS: dict[str, Callable[..., Sources]] = {
-    "fashion_mnist": lambda cfg, model=None: fashion_mnist_sources(cfg),
+    "fashion_mnist": fashion_mnist_sources,
     "imagenet": imagenet_sources,
-    "synthetic": lambda cfg, model=None: synthetic_sources(cfg),
+    "synthetic": synthetic_sources,
 }
+DataName = choices("DataName", tuple(DATASETS))
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how much of it each stage reads (the `data` node of the run config)."""
+
+    name: DataName = UNSET  # fashion_mnist | imagenet | synthetic
+    root: Optional[str] = None
+    num_classes: int = 10
+    synthetic: bool = False  # True: random tensors, results are marked and never fill a table
+    num_train: int = 1024  # synthetic only: sizes of the random splits
+    num_val: int = 256
+    augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
+    finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
+    eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
+    skip_corrupt: bool = False  # ImageFolder: skip images that do not decode (counted) instead of failing
+    num_workers: Optional[int] = None  # null: by device (0 on the CPU, up to 8 on a GPU; loader_options)
+
+    def __post_init__(self) -> None:
+        self.name = as_choice(DataName, "data.name", self.name)
+        for key in ("num_classes", "num_train", "num_val"):
+            positive_int(f"data.{key}", getattr(self, key))
+        optional_positive_int("data.finetune_subset", self.finetune_subset)
+        optional_positive_int("data.eval_subset", self.eval_subset)
+        check("data.num_workers", self.num_workers, lambda v: v is None or (isinstance(v, int) and v >= 0),
+              "null (by device) or an integer >= 0")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -438,42 +479,45 @@ class Splits:
         }
 
 
-def build_splits(cfg: DictConfig, model: Optional[torch.nn.Module] = None) -> Splits:
-    """Build train / val / calib / heldout for the run config `cfg` (data, model, calib, seed).
+def build_splits(data: DataConfig, model: ModelInput, *, calib_samples: int, heldout_samples: int, seed: int,
+                 cache_dir: Optional[str] = None, module: Optional[torch.nn.Module] = None) -> Splits:
+    """Build train / val / calib / heldout: `calib_samples` calibration and `heldout_samples`
+    held-out images drawn from train by `seed` (disjoint), fine-tune and eval subsets per `data`.
 
-    `model` (optional) only refines the timm transforms of ImageFolder data.
+    `cache_dir` holds a Fashion-MNIST download (only if its files are missing and a network
+    exists); `module` (optional) only refines the timm transforms of ImageFolder data.
     """
-    name = str(cfg.data.name)
+    name = str(data.name)
     if name not in DATASETS:
         raise ConfigError("data.name", name, "one of " + ", ".join(DATASETS))
-    sources = DATASETS[name](cfg, model=model)
-    if sources.num_classes > int(cfg.model.num_classes):
+    sources = DATASETS[name](data, model, seed, cache_dir, module)
+    if sources.num_classes > int(model.num_classes):
         found = sources.info.get("classes_found")
         fewer = (f"; the data has {found} classes: set data.num_classes={found} to match"
-                 if found is not None and found <= int(cfg.model.num_classes) else "")
-        raise ConfigError("model.num_classes", cfg.model.num_classes,
+                 if found is not None and found <= int(model.num_classes) else "")
+        raise ConfigError("model.num_classes", model.num_classes,
                           f">= {sources.num_classes} (data.num_classes of data={name}){fewer}")
 
     n_train, n_val = len(sources.train_eval), len(sources.val)
-    n_calib, n_held = int(cfg.calib.num_samples), int(cfg.calib.heldout_samples)
+    n_calib, n_held = int(calib_samples), int(heldout_samples)
     if n_calib + n_held > n_train:
         raise ConfigError("calib.num_samples", n_calib,
                           f"at most {max(n_train - n_held, 0)}: calib.num_samples + calib.heldout_samples "
                           f"({n_held}) must fit in the {n_train}-image train split")
-    perm = _permutation(n_train, _seed(cfg.seed, _STREAM_CALIB))
+    perm = _permutation(n_train, _seed(seed, _STREAM_CALIB))
     calib_idx, held_idx = np.sort(perm[:n_calib]), np.sort(perm[n_calib: n_calib + n_held])
 
-    train = _maybe_subset(sources.train_augmented, cfg.data.finetune_subset, "data.finetune_subset",
-                          _seed(cfg.seed, _STREAM_FINETUNE))
-    val = _maybe_subset(sources.val, cfg.data.eval_subset, "data.eval_subset", _seed(cfg.seed, _STREAM_EVAL))
+    train = _maybe_subset(sources.train_augmented, data.finetune_subset, "data.finetune_subset",
+                          _seed(seed, _STREAM_FINETUNE))
+    val = _maybe_subset(sources.val, data.eval_subset, "data.eval_subset", _seed(seed, _STREAM_EVAL))
     return Splits(
         train=train, val=val,
         calib=Subset(sources.train_eval, calib_idx.tolist()),
         heldout=Subset(sources.train_eval, held_idx.tolist()),
-        synthetic=sources.synthetic or bool(cfg.data.synthetic),
+        synthetic=sources.synthetic or bool(data.synthetic),
         num_classes=sources.num_classes,
         train_full=sources.train_augmented, train_plain=sources.train_eval, val_full=sources.val, name=name,
-        info={"root": None if cfg.data.root is None else str(cfg.data.root), "seed": int(cfg.seed),
+        info={"root": None if data.root is None else str(data.root), "seed": int(seed),
               "train_full": n_train, "val_full": n_val, **sources.info},
     )
 
@@ -498,12 +542,12 @@ def _maybe_subset(dataset: Dataset, size: Optional[int], key: str, seed: int) ->
 # ----------------------------------------------------------------------------- loaders
 
 
-def loader_options(data_cfg: Any, device: torch.device | str) -> dict[str, Any]:
+def loader_options(data: DataConfig, device: torch.device | str) -> dict[str, Any]:
     """`make_loader` options that keep `device` fed: `data.num_workers` (null: 0 on the CPU, where
     workers only compete with the compute for the cores; up to 8 on a GPU) and pinned host
     memory on CUDA, so `non_blocking=True` copies really are asynchronous."""
     cuda = torch.device(device).type == "cuda"
-    workers = data_cfg.num_workers
+    workers = data.num_workers
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 0
     return {"num_workers": int(workers), "pin_memory": cuda}

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ValidationError
 
 from amrc_exp.compress.config import ALLOCATORS
-from amrc_exp.experiment.config import DATASETS, LOGGERS, validate
+from amrc_exp.data import DATASETS
+from amrc_exp.experiment.config import LOGGERS, validate
 from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 from amrc_exp.errors import ConfigError
@@ -102,10 +103,12 @@ def test_library_configs_take_plain_strings_and_check_them():
         ZFitConfig(solver="adam")
 
 
-def test_data_registry_matches_the_declared_choices():
-    from amrc_exp.data import DATASETS as SOURCES
+def test_data_choices_are_the_data_registry():
+    from amrc_exp.data import DataConfig, DataName
 
-    assert set(SOURCES) == set(DATASETS)
+    assert {m.value for m in DataName} == set(DATASETS) == {"fashion_mnist", "imagenet", "synthetic"}
+    with pytest.raises(ConfigError, match=r"data.name='mnist': expected one of fashion_mnist, imagenet, synthetic"):
+        DataConfig(name="mnist")
 
 
 @pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5"])

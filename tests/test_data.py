@@ -20,9 +20,8 @@ from hydra import compose, initialize_config_dir
 import amrc_exp
 
 from amrc_exp.experiment.config import register_schema
-from amrc_exp.data import (
-    FMNIST_MEAN, FMNIST_STD, build_splits, load_fashion_mnist, make_loader, read_idx,
-)
+from amrc_exp.experiment.inputs import load_splits
+from amrc_exp.data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist, make_loader, read_idx
 from amrc_exp.errors import ConfigError, DataError
 
 CONF_DIR = str(amrc_exp.CONF_DIR)
@@ -113,7 +112,7 @@ def test_fashion_mnist_matches_raw_bytes():
 @needs_fmnist
 def test_fashion_mnist_splits_items_are_normalised():
     cfg = make_cfg()
-    splits = build_splits(cfg)
+    splits = load_splits(cfg)
     assert not splits.synthetic and splits.num_classes == 10
     assert len(splits.val) == 10000 and len(splits.train) == cfg.data.finetune_subset
     assert len(splits.train_full) == 60000
@@ -132,7 +131,7 @@ def test_fashion_mnist_splits_items_are_normalised():
 def test_missing_fashion_mnist_root_fails_fast(tmp_path):
     start = time.perf_counter()
     with pytest.raises(DataError, match="data.root") as err:
-        build_splits(make_cfg(f"data.root={tmp_path / 'nowhere'}"))
+        load_splits(make_cfg(f"data.root={tmp_path / 'nowhere'}"))
     assert "apt-get install dataset-fashion-mnist" in str(err.value)
     assert time.perf_counter() - start < 5
 
@@ -177,7 +176,7 @@ def test_splits_disjoint_sized_and_seeded():
     # Synthetic data: same split logic as the real datasets, no files needed.
     base = ["data=synthetic", "data.num_train=500", "data.num_val=60", "calib.num_samples=300",
             "calib.heldout_samples=150", "data.finetune_subset=100", "data.eval_subset=50"]
-    a, b, c = build_splits(make_cfg(*base)), build_splits(make_cfg(*base)), build_splits(make_cfg(*base, "seed=1"))
+    a, b, c = load_splits(make_cfg(*base)), load_splits(make_cfg(*base)), load_splits(make_cfg(*base, "seed=1"))
     calib, held = _subset_indices(a.calib), _subset_indices(a.heldout)
     assert len(calib) == 300 and len(held) == 150 and not set(calib) & set(held)
     assert len(set(calib)) == 300 and max(calib + held) < 500
@@ -191,14 +190,14 @@ def test_splits_disjoint_sized_and_seeded():
 
 def test_too_large_calibration_names_the_key():
     with pytest.raises(ConfigError, match="calib.num_samples") as err:
-        build_splits(make_cfg("data=synthetic", "data.num_train=1000", "calib.num_samples=900"))
+        load_splits(make_cfg("data=synthetic", "data.num_train=1000", "calib.num_samples=900"))
     assert "at most 744" in str(err.value)  # 1000 - 256 held-out samples
     with pytest.raises(ConfigError, match="data.eval_subset"):
-        build_splits(make_cfg("data=synthetic", "data.eval_subset=100000"))
+        load_splits(make_cfg("data=synthetic", "data.eval_subset=100000"))
 
 
 def test_synthetic_items_match_model_input_and_are_deterministic():
-    splits = build_splits(make_cfg("data=synthetic", "model=deit_t", "model.weights=random"))
+    splits = load_splits(make_cfg("data=synthetic", "model=deit_t", "model.weights=random"))
     assert splits.synthetic and splits.num_classes == 1000
     assert len(splits.train_full) == 1280 and len(splits.val) == 256
     x, y = splits.calib[5]
@@ -235,13 +234,13 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-def test_image_folder_through_build_splits(image_folder):
+def test_image_folder_through_load_splits(image_folder):
     from PIL import Image
     from torchvision import transforms as T
 
     cfg = make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}",
                    "calib.num_samples=2", "calib.heldout_samples=1", "data.num_workers=0")
-    splits = build_splits(cfg)
+    splits = load_splits(cfg)
     assert len(splits.train) == 4 and len(splits.val) == 4 and len(splits.calib) == 2 and len(splits.heldout) == 1
     assert splits.info["classes_found"] == 2 and not splits.synthetic
     # Eval transform of deit_tiny (timm pretrained cfg: bicubic, crop_pct 0.9, ImageNet stats).
@@ -265,23 +264,23 @@ def test_a_small_image_folder_names_data_num_classes(image_folder):
     """2 class folders and model.num_classes=2: data=imagenet still says 1000 classes, so the
     message must name the key that fixes it, data.num_classes, with the count it found."""
     with pytest.raises(ConfigError) as err:
-        build_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}", "model.num_classes=2"))
+        load_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}", "model.num_classes=2"))
     assert "model.num_classes=2" in str(err.value) and "set data.num_classes=2" in str(err.value)
     cfg = make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}", "model.num_classes=2",
                    "data.num_classes=2", "calib.num_samples=2", "calib.heldout_samples=1")
-    assert build_splits(cfg).info["classes_found"] == 2
+    assert load_splits(cfg).info["classes_found"] == 2
 
 
 def test_image_folder_errors_name_data_root(image_folder, tmp_path):
     with pytest.raises(DataError, match="data.root"):
-        build_splits(make_cfg("model=deit_t", "data=imagenet"))  # root: null
+        load_splits(make_cfg("model=deit_t", "data=imagenet"))  # root: null
     with pytest.raises(DataError, match="data.root"):
-        build_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={tmp_path / 'missing'}"))
+        load_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={tmp_path / 'missing'}"))
     import shutil
 
     shutil.rmtree(image_folder / "val")
     with pytest.raises(DataError, match="data.root"):
-        build_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}"))
+        load_splits(make_cfg("model=deit_t", "data=imagenet", f"data.root={image_folder}"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -294,10 +293,10 @@ def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, workers):
     bad.write_bytes(bad.read_bytes()[:200])  # header intact, data cut
     base = ["model=deit_t", "model.img_size=32", "data=imagenet", f"data.root={image_folder}", "calib.num_samples=2",
             "calib.heldout_samples=1", f"data.num_workers={workers}"]
-    splits = build_splits(make_cfg(*base))
+    splits = load_splits(make_cfg(*base))
     with pytest.raises(CorruptImageError, match=rf"cannot decode image {bad}.*data.skip_corrupt=true"):
         list(make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers))
-    splits = build_splits(make_cfg(*base, "data.skip_corrupt=true"))
+    splits = load_splits(make_cfg(*base, "data.skip_corrupt=true"))
     with pytest.warns(UserWarning, match="skipping a corrupt image") if workers == 0 else contextlib.nullcontext():
         labels = [int(y) for _, ys in make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers) for y in ys]
     assert len(labels) == 4 and splits.corrupt_skipped() == 1

@@ -20,10 +20,10 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from amrc_exp.experiment.config import register_schema
+from amrc_exp.experiment.config import register_schema, to_run_config
+from amrc_exp.experiment.inputs import load_model, load_splits
+from amrc_exp.experiment.keys import stats_key, train_setup, weights_fields
 from amrc_exp.errors import ConfigError, WeightsError
-from amrc_exp.models import build_model
-from amrc_exp.models.train import cache_paths, embedded_cache_fields, load_or_train
 from amrc_exp.models.weights import load_file
 
 from amrc_exp import CONF_DIR
@@ -49,9 +49,15 @@ def offline(monkeypatch, tmp_path):
 
 
 def make_cfg(*overrides: str):
+    """The typed run config the CLI would build for `overrides`."""
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return to_run_config(compose("config", overrides=list(overrides)))
+
+
+def cache_paths(cfg, device_type: str = "cpu") -> tuple[Path, Path]:
+    setup = train_setup(cfg, device_type)
+    return setup.weights_path, setup.meta_path
 
 
 def seeded_model(name: str = "fmnist_vit", seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -66,13 +72,13 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-# ----------------------------------------------------------------------------- build_model
+# ----------------------------------------------------------------------------- load_model
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in CONF_DIR.glob("model/*.yaml")))
 def test_every_model_option_builds_with_random_weights(option):
     cfg = make_cfg(f"model={option}", "model.weights=random")
-    model, info = build_model(cfg)
+    model, info = load_model(cfg)
     assert not model.training and info["random_weights"] and info["weights"] == "random"
     assert info["params"] == sum(p.numel() for p in model.parameters())
     if option in TIMM_PARAMS:
@@ -108,14 +114,14 @@ def test_embedded_models_are_timm_vits_with_a_conv_stem_to_49_tokens():
 
 def test_unknown_model_name_suggests_close_names():
     with pytest.raises(ConfigError, match="model.name") as err:
-        build_model(make_cfg("model.name=deit_tiny_patch16", "model.weights=random"))
+        load_model(make_cfg("model.name=deit_tiny_patch16", "model.weights=random"))
     assert "deit_tiny_patch16_224" in str(err.value)
 
 
 def test_hub_offline_fails_fast_naming_model_weights():
     start = time.perf_counter()
     with pytest.raises(WeightsError, match="model.weights=") as err:
-        build_model(make_cfg("model=deit_t", "model.weights=hub"))
+        load_model(make_cfg("model=deit_t", "model.weights=hub"))
     assert time.perf_counter() - start < 10
     assert "model.weights=random" in str(err.value)
 
@@ -131,7 +137,7 @@ def test_hub_loads_from_local_cache_without_network(tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc")
     save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
-    model, info = build_model(make_cfg("model=deit_t", "model.weights=hub"))
+    model, info = load_model(make_cfg("model=deit_t", "model.weights=hub"))
     assert info["weights"] == "hub" and not info["random_weights"]
     assert info["weights_path"].endswith("model.safetensors")
     assert_same_weights(model, reference)
@@ -162,7 +168,7 @@ def test_weight_file_roundtrip_is_exact(tmp_path, fmt):
         torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, path)
     else:
         torch.save({"state_dict": state, "optimizer": {}}, path)
-    model, info = build_model(make_cfg(f"model.weights={path}"))
+    model, info = load_model(make_cfg(f"model.weights={path}"))
     assert info["weights"] == "file" and info["weights_path"] == str(path) and not info["random_weights"]
     assert_same_weights(model, reference)
     assert not torch.equal(model.head.weight, seeded_model(seed=2).head.weight)  # not a fluke of the init
@@ -187,8 +193,8 @@ def test_wrong_class_count_says_set_num_classes(tmp_path):
 
     save_file(seeded_model(num_classes=5).state_dict(), str(tmp_path / "five.safetensors"))
     with pytest.raises(WeightsError, match=r"model\.num_classes=5"):
-        build_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}"))
-    model, _ = build_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}", "model.num_classes=5"))
+        load_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}"))
+    model, _ = load_model(make_cfg(f"model.weights={tmp_path / 'five.safetensors'}", "model.num_classes=5"))
     assert model.head.out_features == 5
 
 
@@ -197,9 +203,9 @@ def test_corrupt_or_missing_weights_file(tmp_path, suffix):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(WeightsError, match="model.weights="):
-        build_model(make_cfg(f"model.weights={path}"))
+        load_model(make_cfg(f"model.weights={path}"))
     with pytest.raises(WeightsError, match="model.weights="):
-        build_model(make_cfg(f"model.weights={tmp_path / 'absent.safetensors'}"))
+        load_model(make_cfg(f"model.weights={tmp_path / 'absent.safetensors'}"))
 
 
 # ----------------------------------------------------------------------------- embedded training + cache
@@ -228,12 +234,11 @@ def tiny_fmnist(tmp_path) -> Path:
 
 
 def test_train_then_cache_roundtrip_and_corrupt_entry(tiny_fmnist):
-    from amrc_exp.data import build_splits
 
     cfg = make_cfg("model.weights=train", f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=64",
                    "calib.num_samples=32", "calib.heldout_samples=16", "data.finetune_subset=null")
-    splits = build_splits(cfg)
-    first, info = build_model(cfg, splits)
+    splits = load_splits(cfg)
+    first, info = load_model(cfg, splits)
     assert info["weights"] == "train" and info["cached"] is False and not info["random_weights"]
     assert info["steps"] == 2 * (256 // 64) and 0 <= info["test_top1"] <= 100 and info["train_seconds"] > 0
     weights_path, meta_path = cache_paths(cfg)
@@ -245,42 +250,41 @@ def test_train_then_cache_roundtrip_and_corrupt_entry(tiny_fmnist):
         y = torch.tensor([splits.val_full[i][1] for i in range(128)])
         assert abs(100.0 * (first(x).argmax(-1) == y).float().mean().item() - info["test_top1"]) < 1e-3
 
-    second, info2 = build_model(cfg, splits)
+    second, info2 = load_model(cfg, splits)
     assert info2["cached"] is True and info2["test_top1"] == info["test_top1"]
     assert_same_weights(first, second)
 
     weights_path.write_bytes(b"corrupt")
     with pytest.warns(UserWarning, match="retraining"):
-        third, info3 = build_model(cfg, splits)
+        third, info3 = load_model(cfg, splits)
     assert info3["cached"] is False
     assert_same_weights(first, third)  # seeded: retraining reproduces the same weights
 
     meta_path.unlink()  # an interrupted save (weights written, metrics not) is retrained too
     with pytest.warns(UserWarning, match="retraining"):
-        assert build_model(cfg, splits)[1]["cached"] is False
+        assert load_model(cfg, splits)[1]["cached"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert build_model(cfg, splits)[1]["cached"] is True
+        assert load_model(cfg, splits)[1]["cached"] is True
 
 
 def test_training_is_bit_identical_whatever_the_callers_thread_count(tiny_fmnist):
     """The thread count changes float summation order; training pins it (TRAIN_THREADS), so a
     sweep's OMP_NUM_THREADS=1 and a default 2-thread run give the same checkpoint. Fails if the
     pin is removed (1 vs 2 threads differ after a few steps on this CPU)."""
-    from amrc_exp.data import build_splits
     from amrc_exp.models import _seeded_model
     from amrc_exp.models.train import train_embedded
 
     cfg = make_cfg(f"data.root={tiny_fmnist}", "model.train.epochs=2", "model.train.batch_size=32",
                    "calib.num_samples=32", "calib.heldout_samples=16", "data.finetune_subset=null")
-    splits = build_splits(cfg)
+    splits = load_splits(cfg)
     before = torch.get_num_threads()
     trained = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            model = _seeded_model(cfg, 0)
-            info = train_embedded(model, splits, cfg)
+            model = _seeded_model(cfg.model, 0)
+            info = train_embedded(model, splits, cfg.model)
             assert torch.get_num_threads() == threads  # the caller's setting is restored
             trained.append(model)
     finally:
@@ -297,17 +301,16 @@ def test_cache_key_depends_on_exactly_the_training_fields():
     for override in ("model.train.lr=1e-3", "model.train.epochs=3", "model.train.seed=1", "data.root=/elsewhere",
                      "+model.kwargs.drop_path_rate=0.1", "model=fmnist_vit_small"):
         assert key(override) != key(), override
-    assert embedded_cache_fields(base)["model"]["arch"]["patch_size"] == 4
+    assert weights_fields(base)["model"]["arch"]["patch_size"] == 4
 
 
 def test_stats_key_follows_the_trained_weights(monkeypatch):
     """Calibration statistics of the embedded model depend on its weights, so a recipe or
     registry change the config does not show must still change the stats cache key."""
-    from amrc_exp.experiment import stats_cache as cache
     from amrc_exp.models import fmnist_vit as registry, train as embedded
 
     cfg, cfg_random = make_cfg("model.weights=train"), make_cfg("model.weights=random")
-    keys = lambda: (cache.stats_key(cfg, 64), cache.stats_key(cfg_random, 64))  # noqa: E731
+    keys = lambda: (stats_key(cfg, 64), stats_key(cfg_random, 64))  # noqa: E731
     trained, random_init = keys()
     monkeypatch.setattr(embedded, "RECIPE_VERSION", embedded.RECIPE_VERSION + 1)
     bumped_trained, bumped_random = keys()
@@ -320,30 +323,27 @@ def test_stats_key_follows_the_trained_weights(monkeypatch):
 
 def test_stats_key_separates_device_and_autocast():
     """bf16 CUDA statistics must never be reused by a CPU fp32 run, or the other way round."""
-    from amrc_exp.experiment import stats_cache as cache
 
     cfg = make_cfg()
-    keys = {cache.stats_key(cfg, 64, dev, amp) for dev, amp in (("cpu", False), ("cuda", False), ("cuda", True))}
+    keys = {stats_key(cfg, 64, dev, amp) for dev, amp in (("cpu", False), ("cuda", False), ("cuda", True))}
     assert len(keys) == 3
-    assert cache.stats_key(cfg, 64, "cpu", False) == cache.stats_key(make_cfg("device=cpu"), 64, "cpu", False)
+    assert stats_key(cfg, 64, "cpu", False) == stats_key(make_cfg("device=cpu"), 64, "cpu", False)
 
 
 def test_embedded_weights_trained_on_a_gpu_are_keyed_apart():
     """CPU keys are unchanged (existing caches stay valid); a GPU-trained checkpoint (other
     kernels, other weights) never stands in for a CPU one."""
     cfg = make_cfg()
-    assert embedded_cache_fields(cfg) == embedded_cache_fields(cfg, "cpu")
-    assert "device" not in embedded_cache_fields(cfg)
+    assert weights_fields(cfg) == weights_fields(cfg, "cpu")
+    assert "device" not in weights_fields(cfg)
     assert cache_paths(cfg, "cuda")[0] != cache_paths(cfg, "cpu")[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_embedded_model_trains_on_the_run_device(tmp_path):
-    from amrc_exp.data import build_splits
-    from amrc_exp.models import build_model
 
     cfg = make_cfg("device=cuda", "model.weights=train", "model.train.epochs=1", f"cache_dir={tmp_path}")
-    model, info = build_model(cfg, build_splits(cfg))
+    model, info = load_model(cfg, load_splits(cfg))
     assert next(model.parameters()).is_cuda and info["cached"] is False
     assert cache_paths(cfg, "cuda")[0].exists()
 
@@ -355,7 +355,6 @@ def test_embedded_model_trains_on_the_run_device(tmp_path):
 def test_shipped_checkpoint_is_the_default_and_matches_its_sidecar(name):
     """Each embedded model's default weights: the file's SHA-256 (hashed here), the recipe a
     retrain would be keyed by, and the test top-1, recomputed here on the 10,000 test images."""
-    from amrc_exp.data import build_splits
     from amrc_exp.models.shipped import CHECKPOINTS
 
     if not (FMNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
@@ -364,12 +363,12 @@ def test_shipped_checkpoint_is_the_default_and_matches_its_sidecar(name):
     assert cfg.model.weights == "shipped"
     record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
     assert hashlib.sha256((CHECKPOINTS / f"{name}.safetensors").read_bytes()).hexdigest() == record["sha256"]
-    assert record["fields"] == embedded_cache_fields(cfg)
+    assert record["fields"] == weights_fields(cfg)
     trained_by = record["trained_by"]
     assert trained_by["threads"] == 2 and trained_by["torch"] and trained_by["cpu_capability"] and trained_by["processor"]
-    model, info = build_model(cfg)
+    model, info = load_model(cfg)
     assert info["weights"] == "shipped" and info["weights_sha256"] == record["sha256"]
-    test = build_splits(cfg).val_full
+    test = load_splits(cfg).val_full
     correct = 0
     with torch.no_grad():
         for start in range(0, len(test), 1000):
@@ -384,10 +383,10 @@ def test_shipped_checkpoint_refuses_other_settings_and_corrupt_bytes(tmp_path, m
     from amrc_exp.models import shipped
 
     with pytest.raises(ConfigError, match="model.weights=train") as err:
-        build_model(make_cfg("model.train.epochs=2"))
+        load_model(make_cfg("model.train.epochs=2"))
     assert "model.train.epochs: shipped 8, asked 2" in str(err.value)
     with pytest.raises(ConfigError, match="no checkpoint ships for model.name=deit_tiny_patch16_224"):
-        build_model(make_cfg("model=deit_t", "model.weights=shipped"))
+        load_model(make_cfg("model=deit_t", "model.weights=shipped"))
     copy = tmp_path / "checkpoints"
     shutil.copytree(shipped.CHECKPOINTS, copy)
     monkeypatch.setattr(shipped, "CHECKPOINTS", copy)
@@ -395,25 +394,24 @@ def test_shipped_checkpoint_refuses_other_settings_and_corrupt_bytes(tmp_path, m
     blob[-1] ^= 1  # one bit of one weight
     (copy / "fmnist_vit.safetensors").write_bytes(bytes(blob))
     with pytest.raises(WeightsError, match="is corrupt .*model.weights=train"):
-        build_model(make_cfg())
+        load_model(make_cfg())
     (copy / "fmnist_vit.safetensors").unlink()
     with pytest.raises(WeightsError, match="is missing"):
-        build_model(make_cfg())
+        load_model(make_cfg())
 
 
 def test_a_new_shipped_checkpoint_retires_its_statistics_and_results(tmp_path, monkeypatch):
     """The stats cache key and a result's recorded inputs carry the shipped file's SHA-256."""
-    from amrc_exp.experiment import stats_cache as cache
     from amrc_exp.experiment.results import input_identity
     from amrc_exp.models import shipped
 
     cfg = make_cfg()
-    before = cache.stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
+    before = stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
     copy = tmp_path / "checkpoints"
     shutil.copytree(shipped.CHECKPOINTS, copy)
     record = json.loads((copy / "fmnist_vit.json").read_text())
     assert before[1] == record["sha256"]
     (copy / "fmnist_vit.json").write_text(json.dumps(dict(record, sha256="0" * 64)))
     monkeypatch.setattr(shipped, "CHECKPOINTS", copy)
-    after = cache.stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
+    after = stats_key(cfg, 64), input_identity("shipped", "fashion_mnist", None, "fmnist_vit")["weights_sha256"]
     assert after[0] != before[0] and after[1] == "0" * 64

@@ -105,9 +105,9 @@ def test_rank_one_everywhere_at_the_largest_removable_budget():
 
 def _largest_ratio(cfg) -> float:
     from amrc_exp.compress.lowrank import count_params
-    from amrc_exp.models import build_model
+    from amrc_exp.experiment.inputs import load_model
 
-    model, _ = build_model(cfg)
+    model, _ = load_model(cfg)
     n0 = count_params(model)
     most = max_removable(layer_specs(find_layers(model), cfg.z_type), cfg.schedule.min_rank)
     return math.floor(most / n0 * 1e4) / 1e4

@@ -29,7 +29,6 @@ def compressed_run(tmp_path_factory):
 
 
 def test_onnx_logits_and_weight_bytes(compressed_run, tmp_path):
-    from amrc_exp.data import build_splits
     from amrc_exp.experiment.export import load_compressed
     from amrc_exp.experiment.onnx_export import export_onnx, input_shape, max_logit_diff, weight_stats
     from tests.conftest import compose_cfg
@@ -38,7 +37,9 @@ def test_onnx_logits_and_weight_bytes(compressed_run, tmp_path):
     model = load_compressed(run_dir / "model")
     assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
     path = export_onnx(model, tmp_path / "m.onnx", input_shape(run_dir / "model"))
-    val = build_splits(compose_cfg(["data.eval_subset=64"])).val
+    from amrc_exp.experiment.inputs import load_splits
+
+    val = load_splits(compose_cfg(["data.eval_subset=64"])).val
     images = torch.stack([val[i][0] for i in range(64)])
     assert max_logit_diff(model, path, images) <= 1e-4
     stats = weight_stats(path)

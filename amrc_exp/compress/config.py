@@ -68,18 +68,18 @@ Solver = choices("Solver", SOLVERS)
 
 def as_choice(kind: type[Choice], key: str, value: Any) -> Any:
     """`value` as a member of `kind` (a notebook passes plain strings), else ConfigError."""
-    if isinstance(value, kind) or value == _UNSET:
+    if isinstance(value, kind) or value == UNSET:
         return value
     try:
         return kind(value)
     except ValueError:
         raise ConfigError(key, value, "one of " + ", ".join(m.value for m in kind)) from None
-_UNSET = "???"  # OmegaConf's MISSING: a schema node whose option the config group fills in
+UNSET = "???"  # OmegaConf's MISSING: a schema node whose option the config group fills in
 
 
 def check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
     """ConfigError(key, value, allowed) unless `ok(value)`; an unset (MISSING) node passes."""
-    if value == _UNSET:
+    if value == UNSET:
         return
     try:
         good = bool(ok(value))
@@ -99,6 +99,15 @@ def positive_int(key: str, value: Any) -> None:
 
 def non_negative_int(key: str, value: Any) -> None:
     check(key, value, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+
+
+def check_recipe(prefix: str, recipe: Any) -> None:
+    """The checks every training recipe shares (epochs, lr, batch_size, weight_decay under `prefix`):
+    the embedded model's `model.train` and the partial fine-tune's `finetune`."""
+    non_negative_int(f"{prefix}.epochs", recipe.epochs)
+    positive_float(f"{prefix}.lr", recipe.lr)
+    positive_int(f"{prefix}.batch_size", recipe.batch_size)
+    non_negative_float(f"{prefix}.weight_decay", recipe.weight_decay)
 
 
 def positive_float(key: str, value: Any) -> None:  # inf passes `> 0` and fails hours later

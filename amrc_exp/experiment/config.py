@@ -5,7 +5,8 @@
 turns the composed DictConfig into these dataclasses (`OmegaConf.to_object`) once per run;
 every dataclass checks its values in ``__post_init__`` and raises `ConfigError` naming the
 key, the bad value and what is allowed. The method's nodes (decomp, schedule, z_type, zfit)
-are the library's own dataclasses (`amrc_exp.compress.config`): defaults live there, once.
+are the library's own dataclasses (`amrc_exp.compress.config`), the `model` and `data` nodes
+those of `amrc_exp.models.config` and `amrc_exp.data`: defaults live there, once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from amrc_exp.compress.finetune import LOSSES, SCOPES, FinetuneLoss
 from amrc_exp.errors import UnknownKeyError
@@ -28,87 +29,21 @@ from amrc_exp.compress.config import (
     ZFitConfig,
     as_choice,
     check,
+    check_recipe,
     choices,
-    non_negative_float,
-    non_negative_int,
-    optional_positive_int,
     positive_float,
     positive_int,
-    seed_int,
 )
+from amrc_exp.data import DataConfig
+from amrc_exp.models.config import ModelConfig
 
-DATASETS = ("fashion_mnist", "imagenet", "synthetic")  # = the keys of amrc_exp.data.DATASETS (tested)
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "asvd", "fwsvd", "ours_oa", "ours_kd")  # sweeps/method/*.yaml
-DataName, LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
-    ("DataName", DATASETS), ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
+LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
+    ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
     ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))
-
-
-def _check_recipe(prefix: str, recipe: Any) -> None:
-    """The checks every training recipe shares (TrainConfig, FinetuneConfig)."""
-    non_negative_int(f"{prefix}.epochs", recipe.epochs)
-    positive_float(f"{prefix}.lr", recipe.lr)
-    positive_int(f"{prefix}.batch_size", recipe.batch_size)
-    non_negative_float(f"{prefix}.weight_decay", recipe.weight_decay)
-
-
-@dataclass
-class TrainConfig:
-    """How the embedded model is trained when `model.weights=train` (first use only)."""
-
-    epochs: int = 8
-    lr: float = 2.0e-3
-    batch_size: int = 64
-    weight_decay: float = 0.05
-    # The training run's own seed (init and batch order), apart from the run's `seed`: a sweep
-    # over seed=0,1,2 (calibration sampling, fine-tune order) compresses ONE trained model.
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_recipe("model.train", self)
-        seed_int("model.train.seed", self.seed)
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # timm model name, or a model registered by amrc_exp (fmnist_vit)
-    weights: str = "hub"  # hub | random | shipped | train | path to a .safetensors/.pth file
-    num_classes: int = 1000
-    img_size: int = 224
-    in_chans: int = 3
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        for key in ("num_classes", "img_size", "in_chans"):
-            positive_int(f"model.{key}", getattr(self, key))
-
-
-@dataclass
-class DataConfig:
-    name: DataName = MISSING  # fashion_mnist | imagenet | synthetic
-    root: Optional[str] = None
-    num_classes: int = 10
-    synthetic: bool = False  # True: random tensors, results are marked and never fill a table
-    num_train: int = 1024  # synthetic only: sizes of the random splits
-    num_val: int = 256
-    augment: bool = True  # fine-tuning images: train transforms (crop/flip) or the eval view
-    finetune_subset: Optional[int] = None  # fine-tune on a seeded subset of train (None: all)
-    eval_subset: Optional[int] = None  # evaluate on a seeded subset of val (None: all)
-    skip_corrupt: bool = False  # ImageFolder: skip images that do not decode (counted) instead of failing
-    num_workers: Optional[int] = None  # null: by device (0 on the CPU, up to 8 on a GPU; data.loader_options)
-
-    def __post_init__(self) -> None:
-        self.name = as_choice(DataName, "data.name", self.name)
-        for key in ("num_classes", "num_train", "num_val"):
-            positive_int(f"data.{key}", getattr(self, key))
-        optional_positive_int("data.finetune_subset", self.finetune_subset)
-        optional_positive_int("data.eval_subset", self.eval_subset)
-        check("data.num_workers", self.num_workers, lambda v: v is None or (isinstance(v, int) and v >= 0),
-              "null (by device) or an integer >= 0")
 
 
 @dataclass
@@ -150,7 +85,7 @@ class FinetuneConfig:
     params: ScopeName = "partial"  # partial (the paper: LN, biases, head, patch embed) | all (+ U, V, Z, dense weights)
 
     def __post_init__(self) -> None:
-        _check_recipe("finetune", self)
+        check_recipe("finetune", self)
         self.loss = as_choice(LossName, "finetune.loss", self.loss)
         self.params = as_choice(ScopeName, "finetune.params", self.params)
         positive_float("finetune.kd_temperature", self.kd_temperature)

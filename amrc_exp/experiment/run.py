@@ -43,9 +43,9 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     out_dir = Path(rc.out_dir)
     check_writable(out_dir)
     check_writable(Path(rc.cache_dir).expanduser(), "cache_dir")
-    from amrc_exp.data import build_splits, loader_options, make_loader
+    from amrc_exp.data import loader_options, make_loader
     from amrc_exp.experiment.export import default_create_kwargs, save_compressed
-    from amrc_exp.models import build_model
+    from amrc_exp.experiment.inputs import load_model, load_splits
 
     config = as_plain(rc)
     inputs = input_identity(rc.model.weights, rc.data.name, rc.data.root, rc.model.name)
@@ -69,9 +69,9 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 
     try:
         with timer("data"):
-            splits = build_splits(rc)
+            splits = load_splits(rc)
         with timer("load"):
-            model, model_info = build_model(rc, splits)
+            model, model_info = load_model(rc, splits)
             model.to(device).eval()
             _check_finite_weights(model, rc.model.weights)
         n0 = count_params(model)
@@ -157,7 +157,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
                                      "and rerun (nothing partial is kept)") from None
         res.data["corrupt_images_skipped"] = splits.corrupt_skipped()
         res.top1 = res.final_top1()
-        res.throughput = _throughput_pair(rc, splits, model, device, amp, build_model)
+        res.throughput = _throughput_pair(rc, splits, model, device, amp)
         res.seconds, res.status = timer.seconds, "complete"
         out = write_result(out_dir, res)
         _log_result(tracker, out, out_dir, label)
@@ -221,10 +221,12 @@ def _finetune(model, splits, rc: RunConfig, device, amp, timer, teacher=None) ->
             raise ConfigError("finetune.lr", rc.finetune.lr, f"a smaller learning rate ({err})") from err
 
 
-def _throughput_pair(rc: RunConfig, splits, model, device, amp, build_model) -> dict[str, float]:
+def _throughput_pair(rc: RunConfig, splits, model, device, amp) -> dict[str, float]:
     """Compressed vs dense images/s on one eval batch, measured side by side (interleaved)."""
+    from amrc_exp.models import build_model
+
     batch = torch.stack([splits.val[i][0] for i in range(min(64, len(splits.val)))])
-    dense, _ = build_model(replace(rc, model=replace(rc.model, weights="random")), None)
+    dense, _ = build_model(replace(rc.model, weights="random"), seed=rc.seed)
     dense.to(device).eval()
     times = throughput_side_by_side({"compressed": model, "dense": dense}, batch, device, amp=amp)
     compressed_ips, dense_ips = (batch.shape[0] / median(times[k]) for k in ("compressed", "dense"))

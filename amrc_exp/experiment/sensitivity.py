@@ -130,10 +130,10 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     fractions, kinds = [float(f) for f in rc.sensitivity.fractions], list(rc.sensitivity.groups)
     from amrc_exp.compress import find_layers, top1
     from amrc_exp.compress.plan import decompose_layers, layer_weights
-    from amrc_exp.data import build_splits, loader_options, make_loader
+    from amrc_exp.data import loader_options, make_loader
     from amrc_exp.experiment.env import apply_precision, apply_thread_env, resolve_device, seed_everything
     from amrc_exp.experiment.stats_cache import calibration_stats
-    from amrc_exp.models import build_model
+    from amrc_exp.experiment.inputs import load_model, load_splits
 
     out_dir = Path(rc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,8 +149,8 @@ def run_sensitivity(cfg: DictConfig | SensitivityRunConfig) -> dict[str, Any]:
     autocast = rc.autocast(device.type)
     amp = autocast["eval"]
     start = time.perf_counter()
-    splits = build_splits(rc)
-    model, model_info = build_model(rc, splits)
+    splits = load_splits(rc)
+    model, model_info = load_model(rc, splits)
     model.to(device).eval()
     val_loader = make_loader(splits.val, rc.eval.batch_size, shuffle=False, seed=rc.seed,
                              **loader_options(rc.data, device))

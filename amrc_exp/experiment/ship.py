@@ -25,14 +25,17 @@ KEEP = ("test_top1", "train_top1", "train_seconds", "epochs", "steps", "epoch_lo
 
 def ship(name: str, overrides: list[str] = ()) -> dict[str, Any]:
     """Train (or read from the cache) `name` with `model.weights=train` and ship it; return the sidecar."""
-    from amrc_exp.models import build_model
-    from amrc_exp.models.train import cache_paths, embedded_cache_fields
+    from amrc_exp.experiment.config import to_run_config
+    from amrc_exp.experiment.inputs import load_model
+    from amrc_exp.experiment.keys import train_setup
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}", "model.weights=train", "device=cpu", *overrides])
-    _, info = build_model(cfg)
-    source, _ = cache_paths(cfg)
+        rc = to_run_config(compose("config", overrides=[f"model={name}", "model.weights=train", "device=cpu",
+                                                        *overrides]))
+    _, info = load_model(rc)
+    setup = train_setup(rc)
+    source = setup.weights_path
     CHECKPOINTS.mkdir(exist_ok=True)
     target = CHECKPOINTS / f"{name}.safetensors"
     with atomic_path(target) as tmp:
@@ -43,7 +46,7 @@ def ship(name: str, overrides: list[str] = ()) -> dict[str, Any]:
         "trained_by": {"command": " ".join(["python -m amrc_exp.experiment.ship", name, *overrides]),
                        "torch": info.get("torch"), "cpu_capability": info.get("cpu_capability"),
                        "threads": info.get("threads"), "processor": info.get("processor") or cpu_model()},
-        "fields": embedded_cache_fields(cfg),  # what `model.weights=shipped` checks the config against
+        "fields": setup.fields,  # what `model.weights=shipped` checks the config against
     }
     atomic_write_json(CHECKPOINTS / f"{name}.json", record)
     return record

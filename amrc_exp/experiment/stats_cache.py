@@ -22,41 +22,13 @@ from torch import nn
 from amrc_exp.compress.calibrate import CalibStats, LayerStats, calibrate, find_layers, gd_chunk_size
 from amrc_exp.compress.probe import take_probe
 from amrc_exp.compress.search import needs_gram, needs_probe
-from amrc_exp.experiment.config import RunConfig, as_plain
-from amrc_exp.io import atomic_path, atomic_write_json, cache_key, read_json
+from amrc_exp.experiment.config import RunConfig
+from amrc_exp.experiment.keys import STATS_FORMAT, stats_key
+from amrc_exp.io import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
-FORMAT = 2  # 2: per-tensor CRC-32 in the manifest
 CACHED = ("H", "x_rep", "abs_mean", "G")  # the LayerStats tensors an entry stores (fisher is per run)
 REQUIRED = ("H", "x_rep")  # in every entry; the others only where collected
-# Bump when calibrate.py changes the numbers it stores (e.g. how ||X_i W||² is summed): older
-# entries then miss instead of being read as if the new code had made them.
-STATS_VERSION = 3  # 3: abs_mean per channel, optional unnormalised Gram G
-
-
-def stats_key_fields(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False,
-                     gram: bool = False) -> dict[str, Any]:
-    """The fields calibration statistics depend on (and nothing else); `chunk` is the number
-    of samples per stored calibration chunk (the GD mini-batch, or the whole set). The device
-    type and the effective bf16 autocast are part of it: a CUDA bf16 forward gives other
-    statistics than a CPU fp32 one, and neither may stand in for the other."""
-    from amrc_exp.models.train import embedded_cache_fields
-    from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
-    from amrc_exp.models.shipped import shipped_sha256
-
-    model = as_plain(cfg.model)
-    model["registry_arch"] = EMBEDDED_ARCHS.get(str(cfg.model.name))  # not in the config; None for timm's
-    if model.get("weights") == "train":  # trained here: the statistics depend on what the weights depend on
-        model["trained_weights"] = cache_key(embedded_cache_fields(cfg, device))  # recipe version included
-    else:
-        model.pop("train", None)  # the training recipe only matters for weights trained here
-    if model.get("weights") == "shipped":  # a new shipped checkpoint retires the old statistics
-        model["shipped_sha256"] = shipped_sha256(str(cfg.model.name))
-    data = {k: getattr(cfg.data, k) for k in ("name", "root", "synthetic", "num_train")}
-    calib = {k: getattr(cfg.calib, k) for k in ("num_samples", "heldout_samples")}
-    return {"format": FORMAT, "version": STATS_VERSION, "model": model, "data": data, "calib": calib,
-            "seed": cfg.seed, "chunk": chunk, "device": device, "amp": bool(amp),
-            **({"gram": True} if gram else {})}  # entries without G keep their keys
 
 
 def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
@@ -66,7 +38,7 @@ def _paths(cache_dir: str, key: str) -> tuple[Path, Path]:
 
 def save_stats(cache_dir: str, key: str, sets: dict[str, dict[str, LayerStats]]) -> None:
     """Store {set_name: {layer: LayerStats}} (e.g. calib and heldout) under `key`."""
-    tensors, manifest = {}, {"format": FORMAT, "sets": {}}
+    tensors, manifest = {}, {"format": STATS_FORMAT, "sets": {}}
     for set_name, stats in sets.items():
         manifest["sets"][set_name] = {}
         for layer, s in stats.items():
@@ -139,10 +111,6 @@ def _check_finite(sets: dict[str, dict[str, LayerStats]]) -> None:
         for layer, s in stats.items():
             if not all(bool(torch.isfinite(t).all()) for t in s.tensors().values()):
                 raise ValueError(f"non-finite statistics for {layer}")
-
-
-def stats_key(cfg: RunConfig, chunk: int, device: str = "cpu", amp: bool = False, gram: bool = False) -> str:
-    return cache_key(stats_key_fields(cfg, chunk, device, amp, gram))
 
 
 def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: torch.device,

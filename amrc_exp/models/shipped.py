@@ -47,7 +47,7 @@ def _differences(shipped: Any, wanted: Any, prefix: str = "") -> list[str]:
 
 def check_shipped(name: str, fields: dict[str, Any]) -> dict[str, Any]:
     """The sidecar of `name`'s shipped checkpoint, if it was trained with exactly `fields`
-    (`models.train.embedded_cache_fields`: recipe, architecture, model.train.*; the data's
+    (`models.train.trained_weights_fields`: recipe, architecture, model.train.*; the data's
     location aside); else ConfigError naming `model.weights=train`."""
     record = sidecar(name)
     if record is None:

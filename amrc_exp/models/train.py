@@ -2,8 +2,9 @@
 
 The recipe: AdamW (no decay on biases / norms / pos-embed / cls token), linear warmup then
 cosine decay per step, gradient clipping, cross-entropy, a seeded loader; no augmentation
-(a few epochs do not overfit, see AUGMENT). The cache key is a hash of exactly the
-fields the trained weights depend on, so sweeps over compression settings train once.
+(a few epochs do not overfit, see AUGMENT). `trained_weights_fields` lists exactly the
+settings the trained weights depend on; the experiment layer hashes them (with the data's
+location) into the cache key (`experiment.keys`), so sweeps over compression settings train once.
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
 from amrc_exp.compress.evaluate import top1
-from amrc_exp.data import Splits, loader_options, make_loader
-from amrc_exp.experiment.config import as_plain
-from amrc_exp.io import atomic_path, atomic_write_json, cache_key, cpu_model, read_json
+from amrc_exp.data import Splits, make_loader
+from amrc_exp.io import atomic_path, atomic_write_json, cpu_model, read_json
+from amrc_exp.models.config import ModelConfig
 from amrc_exp.models.fmnist_vit import EMBEDDED_ARCHS
 
 # Bump when the training recipe changes in a way that changes the weights: old caches retire.
@@ -47,16 +48,30 @@ LOG_EVERY = 50  # steps between progress-bar loss updates (each one is a host-de
 TRAIN_THREADS = 2
 
 
-def train_embedded(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
-    """Train `model` in place with `cfg.model.train`; return metrics (test top-1 on the full val split)."""
+@dataclass(frozen=True)
+class TrainSetup:
+    """Where trained embedded weights are kept (`<key>.safetensors` + its `<key>.json`, written
+    last), the fields their key hashes (saved with them), and the training DataLoader's options
+    (`data.loader_options`). Made by the experiment layer (`experiment.keys.train_setup`)."""
+
+    weights_path: Path
+    meta_path: Path
+    fields: dict[str, Any]
+    loader: dict[str, Any] = field(default_factory=dict)
+
+
+def train_embedded(model: nn.Module, splits: Splits, spec: ModelConfig,
+                   loader: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train `model` in place with `spec.train`; return metrics (test top-1 on the full val split).
+    `loader`: DataLoader options (workers, pinned memory)."""
     # Forked RNG: seeded here (augmentation and loader order reproducible), and the
     # caller's global RNG state is left as it was.
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.model.train.seed))
+        torch.manual_seed(int(spec.train.seed))
         torch.set_num_threads(TRAIN_THREADS)
         try:
-            return {**_train(model, splits, cfg), **build_identity()}
+            return {**_train(model, splits, spec, loader or {}), **build_identity()}
         finally:
             torch.set_num_threads(threads)
 
@@ -67,13 +82,13 @@ def build_identity() -> dict[str, Any]:
             "threads": TRAIN_THREADS, "processor": cpu_model()}
 
 
-def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
-    train_cfg = cfg.model.train
+def _train(model: nn.Module, splits: Splits, spec: ModelConfig, loader_options: dict[str, Any]) -> dict[str, Any]:
+    train_cfg = spec.train
     train_set = splits.train_full if AUGMENT else splits.train_plain
     if train_set is None:  # a hand-built Splits without the full splits
         train_set = splits.train
     loader = make_loader(train_set, int(train_cfg.batch_size), shuffle=True, seed=int(train_cfg.seed), drop_last=True,
-                         **loader_options(cfg.data, next(model.parameters()).device))
+                         **loader_options)
     total_steps = max(1, int(train_cfg.epochs) * len(loader))
     warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
     optimizer = _adamw(model, float(train_cfg.lr), float(train_cfg.weight_decay))
@@ -84,7 +99,7 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     correct = seen = 0
     epoch_losses: list[float] = []
-    with tqdm(total=total_steps, desc=f"train {cfg.model.name}", unit="step",
+    with tqdm(total=total_steps, desc=f"train {spec.name}", unit="step",
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         for epoch in range(int(train_cfg.epochs)):
             # Counted on the device and read once per epoch: no host sync per step on a GPU.
@@ -124,38 +139,30 @@ def _train(model: nn.Module, splits: Splits, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def embedded_cache_fields(cfg: DictConfig, device_type: str = "cpu") -> dict[str, Any]:
-    """Exactly the config fields the trained weights depend on (and the recipe version, and the
-    device type it trains on)."""
-    name = str(cfg.model.name)
+def trained_weights_fields(spec: ModelConfig, device_type: str = "cpu") -> dict[str, Any]:
+    """Exactly the settings trained weights depend on, besides the data: the recipe version, the
+    architecture, `model.train.*` and the device type it trains on (a shipped checkpoint's
+    sidecar records them; the cache key adds the data's location)."""
     return {
         "recipe": {"version": RECIPE_VERSION, "warmup": WARMUP_FRACTION, "clip": CLIP_GRAD_NORM,
                    "augment": AUGMENT,
                    "threads": TRAIN_THREADS},
         "model": {
-            "name": name,
-            "arch": EMBEDDED_ARCHS.get(name),  # a resized registry entry retires old caches
-            "img_size": int(cfg.model.img_size),
-            "in_chans": int(cfg.model.in_chans),
-            "num_classes": int(cfg.model.num_classes),
-            "kwargs": as_plain(cfg.model.kwargs),
-            "train": {k: v for k, v in as_plain(cfg.model.train).items() if k != "seed"},
+            "name": str(spec.name),
+            "arch": EMBEDDED_ARCHS.get(str(spec.name)),  # a resized registry entry retires old caches
+            "img_size": int(spec.img_size),
+            "in_chans": int(spec.in_chans),
+            "num_classes": int(spec.num_classes),
+            "kwargs": dict(spec.kwargs),
+            "train": {k: v for k, v in asdict(spec.train).items() if k != "seed"},
         },
-        "seed": int(cfg.model.train.seed),  # where the run seed used to be: the keys of seed 0 stay
-        "data": {"name": str(cfg.data.name), "root": None if cfg.data.root is None else str(cfg.data.root)},
+        "seed": int(spec.train.seed),  # where the run seed used to be: the keys of seed 0 stay
         # Trained on a GPU, the weights differ (other kernels): keyed apart. CPU keys unchanged.
         **({"device": device_type} if device_type != "cpu" else {}),
     }
 
 
-def cache_paths(cfg: DictConfig, device_type: str = "cpu") -> tuple[Path, Path]:
-    """(<cache_dir>/embedded/<key>.safetensors, <key>.json) for this config."""
-    key = cache_key(embedded_cache_fields(cfg, device_type))
-    folder = Path(str(cfg.cache_dir)).expanduser() / "embedded"
-    return folder / f"{key}.safetensors", folder / f"{key}.json"
-
-
-def load_or_train(model: nn.Module, cfg: DictConfig, splits: Splits,
+def load_or_train(model: nn.Module, spec: ModelConfig, splits: Splits, setup: TrainSetup,
                   device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load the cached trained weights into `model`, or train them on `device` and cache them.
     The model is left on `device`.
@@ -165,14 +172,14 @@ def load_or_train(model: nn.Module, cfg: DictConfig, splits: Splits,
     wait on a file lock, so only one of them trains.
     """
     device = torch.device(device)
-    weights_path, meta_path = cache_paths(cfg, device.type)
+    weights_path, meta_path = setup.weights_path, setup.meta_path
     model.to(device)
     with _file_lock(weights_path.with_suffix(".lock")):
         metrics = _load_cached(model, weights_path, meta_path)
         if metrics is not None:
             return {**metrics, "cached": True, "weights_path": str(weights_path)}
-        metrics = train_embedded(model, splits, cfg)
-        _save_cache(model, weights_path, meta_path, {**metrics, "fields": embedded_cache_fields(cfg, device.type)})
+        metrics = train_embedded(model, splits, spec, setup.loader)
+        _save_cache(model, weights_path, meta_path, {**metrics, "fields": setup.fields})
     return {**metrics, "cached": False, "weights_path": str(weights_path)}
 
 

@@ -103,11 +103,11 @@ def compression_run(cfg: RunConfig, splits: Any, meter: Any, device: torch.devic
     from amrc_exp.compress.plan import check_budget
     from amrc_exp.experiment.env import seed_everything
     from amrc_exp.experiment.run import compress_stages
-    from amrc_exp.models import build_model
+    from amrc_exp.experiment.inputs import load_model
 
     seed_everything(cfg.seed)
     with meter("load"):
-        model, _ = build_model(cfg, splits)
+        model, _ = load_model(cfg, splits)
         model.to(device).eval()
     n0 = count_params(model)
     check_budget(find_layers(model), n0, cfg.amrc())
@@ -123,10 +123,9 @@ def compression_run(cfg: RunConfig, splits: Any, meter: Any, device: torch.devic
 
 def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """Run the whole benchmark for `preset`; write and return the result."""
-    from amrc_exp.data import build_splits
     from amrc_exp.compress.evaluate import median, throughput_side_by_side
+    from amrc_exp.experiment.inputs import load_model, load_splits
     from amrc_exp.io import atomic_write_json, atomic_write_text
-    from amrc_exp.models import build_model
     from amrc_exp.report.profiling import StageMeter, machine_info, max_rss
     from amrc_exp.experiment.env import apply_precision, resolve_device
 
@@ -143,10 +142,10 @@ def bench(preset: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
         cf_cfg = replace(cfg, zfit=replace(cfg.zfit, solver="closed_form"))
 
         with meter("data"):
-            splits = build_splits(gd_cfg)
+            splits = load_splits(gd_cfg)
         model, gd = compression_run(gd_cfg, splits, meter, device, amp)
         gd["stages"] = meter.take()
-        dense, _ = build_model(gd_cfg, splits)  # the same seeded weights, before compression
+        dense, _ = load_model(gd_cfg, splits)  # the same seeded weights, before compression
         dense.to(device).eval()
         with meter("floor_forward"):  # the calibration forward alone
             images = forward_floor(dense, splits, gd_cfg, device, amp)
