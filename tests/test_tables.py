@@ -391,9 +391,16 @@ def test_frontier_table_interpolates_dense_ptq_at_the_same_size(tmp_path):
         ours["ptq_frontier"] = [{"bits": 6, "size_mib": 0.20, "top1_compressed": 79.0,
                                  "top1_finetuned": (88.0, 88.4, 88.2)[seed]},
                                 {"bits": 3, "size_mib": 0.05, "top1_compressed": 60.0, "top1_finetuned": 70.0}]
-        for name, res in (("dense", dense), ("ours", ours)):
+        kd = _seeded(tmp_path, "kd", seed, model="fmnist_vit", method="ours", ratio=0.8, finetune=2,
+                     top1=(89.9, 80.0 + seed, 89.5), sizes=(0.62, 0.31, None))
+        kd["config"]["method"] = "ours_kd"
+        kd["config"]["finetune"]["loss"] = "kd"
+        kd["ptq_frontier"] = [{"bits": 6, "size_mib": 0.20, "top1_compressed": 79.0, "top1_finetuned": 89.0}]
+        for name, res in (("dense", dense), ("ours", ours), ("kd", kd)):
             (tmp_path / f"{name},seed={seed}" / "results.json").write_text(json.dumps(res))
     (t8,) = build_tables([tmp_path], [8])
+    kd_six = row(t8, point="ours KD-FT −80% \\+ 6-bit")  # the distilled fine-tune, its own row
+    assert kd_six["top-1 after FT"] == "89.00 ± 0.00" and kd_six["gap"] == "+2.00"
     six = row(t8, point="ours −80% \\+ 6-bit")
     assert six["MiB"] == "0.2000" and six["top-1 after FT"] == "88.20 ± 0.20"
     assert six["dense PTQ at this MiB"] == "87.00" and six["gap"] == "+1.20"

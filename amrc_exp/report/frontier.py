@@ -1,6 +1,8 @@
 """The accuracy-memory frontier (Table 8 and Fig 5): top-1 against stored model size for dense
 RTN PTQ at several bit widths, ours low-rank alone (fp16) at every ratio, and ours low-rank +
-N-bit PTQ, each point the mean ± sample std over the sweep's seeds, before and after fine-tuning.
+N-bit PTQ, each point the mean ± sample std over the sweep's seeds, before and after fine-tuning;
+ours fine-tuned on labels (`ours_oa`, the paper's cross-entropy) and by distillation from the
+dense model (`ours_kd`), side by side.
 
 Every ours point is set beside dense PTQ alone at the same size, interpolated linearly in MiB
 between the two nearest dense points (no extrapolation: outside the dense points' range the gap
@@ -16,14 +18,14 @@ import pandas as pd
 
 from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
 
-OURS = "ours_oa"
+OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT"}  # method -> row label (the fine-tune's loss)
 STAGES = ("compressed", "finetuned")  # before / after fine-tuning
 
 
 def _points(cells) -> list[dict[str, Any]]:
     """One row per (method, ratio, bits) with size, before-FT and after-FT top-1 as (mean, std, n)."""
     out = []
-    for _, c in cells[cells["method"].isin(["dense", OURS]) & ~cells["synthetic"]].iterrows():
+    for _, c in cells[cells["method"].isin(["dense", *OURS]) & ~cells["synthetic"]].iterrows():
         dense = c["method"] == "dense"
         fp16 = {"size_mib": c["size_mib_dense_fp16" if dense else "size_mib_compressed_fp16"],
                 "compressed": c["top1_baseline" if dense else "top1_compressed"],
@@ -65,7 +67,7 @@ def table8(df) -> Table:
     points = sorted(_points(df), key=lambda p: -p["size_mib"][0])
     md, csv = [], []
     for p in points:
-        label = "dense" if p["method"] == "dense" else f"ours −{100 * p['ratio']:g}%"
+        label = "dense" if p["method"] == "dense" else f"{OURS[p['method']]} −{100 * p['ratio']:g}%"
         label += " fp16" if p["bits"] == 16 else f" + {p['bits']}-bit"
         ref = math.nan if p["method"] == "dense" else dense_at(points, p["size_mib"][0])
         top = p[best_stage(p)][0]
@@ -83,7 +85,9 @@ def table8(df) -> Table:
              "gap: ours at its reported stage (after fine-tuning) minus dense PTQ alone interpolated at the same "
              "MiB, linear between the two nearest dense points; empty outside the dense points' range.",
              "Dense PTQ is deterministic (no calibration sample, no fine-tuning): its std over seeds is 0."]
-    note = settings_note(df[df["method"].isin(["dense", OURS])])
+    notes.append("ours: fine-tuned on the labels (cross-entropy, the paper's); ours KD-FT: by distillation from "
+                 "the dense model (finetune.loss=kd, T = 2); the same compressed model before fine-tuning.")
+    note = settings_note(df[df["method"].isin(["dense", *OURS])])
     if note:
         notes.append(note)
     return Table(8, "The accuracy-memory frontier: top-1 (%) against stored size (MiB)", pd.DataFrame(md),
@@ -97,11 +101,13 @@ def plot_frontier(df, ax) -> None:
     ax.plot([d[0] for d in dense], [d[1] for d in dense], "k--o", label="dense + N-bit PTQ (no FT)")
     for x, y, b in dense:
         ax.annotate(f"{b}b", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for bits in sorted({p["bits"] for p in points if p["method"] == OURS}, reverse=True):
-        ours = sorted((p["size_mib"][0], p[best_stage(p)], p["ratio"]) for p in points
-                      if p["method"] == OURS and p["bits"] == bits)
-        ax.errorbar([o[0] for o in ours], [o[1][0] for o in ours], yerr=[o[1][1] for o in ours], marker="o",
-                    capsize=2, label=f"ours low-rank{' fp16' if bits == 16 else f' + {bits}-bit'} (after FT)")
+    for method, name in OURS.items():
+        for bits in sorted({p["bits"] for p in points if p["method"] == method}, reverse=True):
+            ours = sorted((p["size_mib"][0], p[best_stage(p)], p["ratio"]) for p in points
+                          if p["method"] == method and p["bits"] == bits)
+            ax.errorbar([o[0] for o in ours], [o[1][0] for o in ours], yerr=[o[1][1] for o in ours],
+                        marker="o" if method == "ours_oa" else "^", linestyle="-" if method == "ours_oa" else ":",
+                        capsize=2, label=f"{name} low-rank{' fp16' if bits == 16 else f' + {bits}-bit'} (after FT)")
     ax.set_xscale("log")
     ax.set_xlabel("stored size (MiB, log)")
     ax.set_ylabel("top-1 (%)")
