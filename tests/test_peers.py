@@ -281,7 +281,7 @@ def test_lowrank_z_on_the_whitened_optimum_is_worth_exactly_its_parameters_as_ra
 
 
 @pytest.mark.parametrize("decomp,schedule", [("svdllm", "param_uniform"), ("svdllm_v2", "truncation_loss"),
-                                             ("asvd", "asvd_search"),
+                                             ("dobi", "dobi"), ("asvd", "asvd_search"),
                                              ("fwsvd", "param_uniform"), ("asvd_whiten", "output_aware")])
 def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp, schedule):
     """compress_model with labelled loaders, z_type none, rank 0 allowed: the budget is met

@@ -24,7 +24,7 @@ from amrc_exp.math.compensate import Z_TYPES
 from amrc_exp.math.decompose import METHODS
 
 __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "ZConfig", "ZFitConfig",
-           "Choice", "choices", "UNIFORM", "PARAM_UNIFORM", "ASVD_SEARCH", "OUTPUT_AWARE", "TRUNCATION_LOSS",
+           "Choice", "choices", "UNIFORM", "PARAM_UNIFORM", "ASVD_SEARCH", "OUTPUT_AWARE", "TRUNCATION_LOSS", "DOBI",
            "SOLVERS", "check"]
 
 # The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
@@ -40,7 +40,8 @@ PARAM_UNIFORM = "param_uniform"  # SVD-LLM's / FWSVD's: one kept-parameter fract
 ASVD_SEARCH = "asvd_search"  # ASVD's sensitivity-based rank search (calibration loss)
 OUTPUT_AWARE = "output_aware"  # ours: KL-to-dense sensitivities on the exact spectra, Lagrangian allocation
 TRUNCATION_LOSS = "truncation_loss"  # SVD-LLM V2's: per-matrix ratios from the theoretical truncation loss
-ALLOCATORS = (*SCHEDULES, UNIFORM, PARAM_UNIFORM, ASVD_SEARCH, OUTPUT_AWARE, TRUNCATION_LOSS)
+DOBI = "dobi"  # Dobi-SVD's: truncation positions learned by gradient descent on the task loss
+ALLOCATORS = (*SCHEDULES, UNIFORM, PARAM_UNIFORM, ASVD_SEARCH, OUTPUT_AWARE, TRUNCATION_LOSS, DOBI)
 SOLVERS = ("gd", "closed_form")
 
 
@@ -126,6 +127,7 @@ def non_negative_float(key: str, value: Any) -> None:
 class DecompConfig:
     """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum);
     the peers `svdllm` (SVD-LLM's whitening), `svdllm_v2` (SVD-LLM V2's two-SVD truncation),
+    `dobi` (Dobi-SVD's weight update from truncated activations),
     `asvd` (ASVD's channel scaling) and `fwsvd` (Fisher-weighted SVD), see `amrc_exp.math.decompose`."""
 
     name: DecompName = DecompName("asvd_mean")
@@ -142,7 +144,8 @@ class DecompConfig:
 class ScheduleConfig:
     """Sec 3.2's rank allocation: Algorithm 1 with the `exp` (Eq 9), `linear` or `oneshot`
     schedule; the baselines `uniform` (one rank fraction) and `param_uniform` (one kept-parameter
-    fraction, SVD-LLM / FWSVD); ASVD's `asvd_search`; SVD-LLM V2's `truncation_loss`; ours,
+    fraction, SVD-LLM / FWSVD); ASVD's `asvd_search`; SVD-LLM V2's `truncation_loss`; Dobi-SVD's
+    `dobi` (its training keys: `epochs`, `lr`, `beta`, `penalty`, at its code's defaults); ours,
     `output_aware`."""
 
     name: ScheduleName = ScheduleName("exp")
@@ -150,6 +153,10 @@ class ScheduleConfig:
     gamma: float = 80.0
     min_rank: int = 1  # 0 lets a layer keep its bias alone
     candidates: int = 6  # output_aware: ranks measured per layer (the rest interpolated)
+    epochs: int = 20  # dobi: passes over the labelled probe images
+    lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
+    beta: float = 10.0  # dobi: sharpness of the tanh truncation mask, per rank position
+    penalty: float = 200.0  # dobi: weight of |kept fraction - target| in the loss
 
     def __post_init__(self) -> None:
         self.name = as_choice(ScheduleName, "schedule.name", self.name)
@@ -157,6 +164,10 @@ class ScheduleConfig:
         positive_float("schedule.gamma", self.gamma)
         non_negative_int("schedule.min_rank", self.min_rank)
         positive_int("schedule.candidates", self.candidates)
+        positive_int("schedule.epochs", self.epochs)
+        positive_float("schedule.lr", self.lr)
+        positive_float("schedule.beta", self.beta)
+        non_negative_float("schedule.penalty", self.penalty)
 
 
 @dataclass

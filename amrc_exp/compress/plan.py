@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from amrc_exp.compress.calibrate import LayerStats
-from amrc_exp.compress.config import (ASVD_SEARCH, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM, AMRCConfig,
+from amrc_exp.compress.config import (ASVD_SEARCH, DOBI, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM, AMRCConfig,
                                       DecompConfig, ScheduleConfig, ZConfig)
 from amrc_exp.errors import ConfigError
-from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_truncation_loss,
+from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_positions,
+                                    allocate_truncation_loss,
                                     allocate_uniform, asvd_search, candidate_ranks, max_removable, ratio_rank,
                                     sensitivity_curve)
 from amrc_exp.math.compensate import Z_TYPES, z_param_count
@@ -126,12 +127,16 @@ def weight_type(spec: LayerSpec) -> str:
 
 
 def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,
-                   schedule: ScheduleConfig, sensitivity: Optional[Sensitivity] = None) -> dict[str, int | None]:
+                   schedule: ScheduleConfig, sensitivity: Optional[Sensitivity] = None,
+                   positions: Optional[dict[str, float]] = None) -> dict[str, int | None]:
     """Rank per layer (None = stays dense) meeting the budget (Sec 3.2); the budget was checked
-    by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`."""
+    by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`;
+    `dobi` reads the truncation positions `compress.dobi.learn_positions` trained."""
     name, min_rank = schedule.name, schedule.min_rank
     if name in (ASVD_SEARCH, OUTPUT_AWARE) and sensitivity is None:
         raise ValueError(f"schedule.name={name} measures the model: pass `sensitivity` (search() does)")
+    if name == DOBI and positions is None:
+        raise ValueError(f"schedule.name={name} reads learned truncation positions: pass `positions` (search() does)")
     if name == UNIFORM:
         ranks = allocate_uniform(specs, to_remove, min_rank)
     elif name == PARAM_UNIFORM:
@@ -139,6 +144,8 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
     elif name == TRUNCATION_LOSS:
         ranks = allocate_truncation_loss([spectra[s.name].sigma for s in specs], specs,
                                          [weight_type(s) for s in specs], to_remove, min_rank)
+    elif name == DOBI:
+        ranks = allocate_positions([positions[s.name] for s in specs], specs, to_remove, min_rank)
     elif name == ASVD_SEARCH:
         asked = {s.name: {p: ratio_rank(s, p) for p in ASVD_RATIOS} for s in specs}
         loss = sensitivity("loss", {n: sorted(set(d.values())) for n, d in asked.items()})

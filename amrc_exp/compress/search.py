@@ -21,7 +21,8 @@ from torch import nn
 
 from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_chunk_size
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
-from amrc_exp.compress.config import ASVD_SEARCH, OUTPUT_AWARE, AMRCConfig
+from amrc_exp.compress.config import ASVD_SEARCH, DOBI, OUTPUT_AWARE, AMRCConfig
+from amrc_exp.compress.dobi import learn_positions
 from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
@@ -94,9 +95,13 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
+    specs = layer_specs(layers, config.z_type)
     with stage("allocate"):
-        ranks = allocate_ranks(spectra, layer_specs(layers, config.z_type), to_remove, config.schedule,
-                               sensitivity)
+        positions = None
+        if config.schedule.name == DOBI:
+            positions = learn_positions(model, layers, _probe_of(stats, f"schedule.name={DOBI}"), specs, to_remove,
+                                        config.schedule, seed=config.seed)
+        ranks = allocate_ranks(spectra, specs, to_remove, config.schedule, sensitivity, positions)
     with stage("compensate"):
         plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, config)
     return CompressionReport(plans, rows, params_before=n0, params_target=n0 - to_remove,
@@ -118,8 +123,8 @@ def _decomp_stats(config: AMRCConfig) -> tuple[str, ...]:
 
 def needs_probe(config: AMRCConfig) -> bool:
     """Whether the search measures the model's output (and so needs `CalibStats.probe`): the
-    Fisher of a decomposition, or an allocation by sensitivities."""
-    return "fisher" in _decomp_stats(config) or config.schedule.name in (ASVD_SEARCH, OUTPUT_AWARE)
+    Fisher of a decomposition, an allocation by sensitivities, or Dobi-SVD's trained positions."""
+    return "fisher" in _decomp_stats(config) or config.schedule.name in (ASVD_SEARCH, OUTPUT_AWARE, DOBI)
 
 
 def needs_gram(config: AMRCConfig) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "allocate_by_cost",
     "asvd_search",
     "allocate_truncation_loss",
+    "allocate_positions",
     "UNIFORM_KINDS",
     "sensitivity_curve",
     "candidate_ranks",
@@ -373,6 +374,41 @@ def allocate_truncation_loss(sigmas: Sequence[Tensor], specs: Sequence[LayerSpec
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total_params(specs, ranks_at(mid)) > final else (lo, mid)
     return ranks_at(hi)
+
+
+def _position_ranks(positions: Sequence[float], specs: Sequence[LayerSpec], shift: float, min_rank: int) -> Ranks:
+    ranks: Ranks = []
+    for p, s in zip(positions, specs, strict=True):
+        r = min(max(math.ceil(p + shift - 1e-9), min_rank), min(s.n_in, s.n_out))
+        ranks.append(r if r <= s.break_even_rank else None)
+    return ranks
+
+
+def allocate_positions(positions: Sequence[float], specs: Sequence[LayerSpec], params_to_remove: int,
+                       min_rank: int = 0) -> Ranks:
+    """Ranks from learned truncation positions (Dobi-SVD, Qinsi Wang et al. 2025, arXiv:2502.02723,
+    Sec 3.2), under a whole-model budget that they meet only approximately (a penalty).
+
+    Their rank is ceil(position); a layer whose rank saves nothing stays dense. Here every position
+    is moved by one shared shift, the largest (found by bisection to 1e-9 ranks) whose ranks meet
+    the budget, so the allocation keeps the learned differences between layers and removes no
+    more than the rounding needs."""
+    _check_budget(specs, params_to_remove, min_rank)
+    if params_to_remove <= 0:
+        return [None] * len(specs)
+    final = sum(s.dense_params for s in specs) - params_to_remove
+
+    def meets(shift: float) -> bool:
+        return total_params(specs, _position_ranks(positions, specs, shift, min_rank)) <= final
+
+    span = max(min(s.n_in, s.n_out) for s in specs) + max(abs(p) for p in positions) + 1
+    lo, hi = -span, span  # every layer at min_rank meets the budget (_check_budget), none does at +span
+    if meets(hi):
+        return _position_ranks(positions, specs, hi, min_rank)
+    while hi - lo > 1e-9:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return _position_ranks(positions, specs, lo, min_rank)
 
 
 def candidate_ranks(spec: LayerSpec, n: int, min_rank: int = 0) -> list[int]:

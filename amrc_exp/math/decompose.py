@@ -20,6 +20,7 @@ __all__ = [
     "asvd_whiten_spectrum",
     "svdllm_spectrum",
     "svdllm_v2_spectrum",
+    "dobi_spectrum",
     "asvd_scaled_spectrum",
     "fwsvd_spectrum",
     "STATISTICS",
@@ -211,6 +212,31 @@ def svdllm_v2_spectrum(W: Tensor, G: Tensor) -> Spectrum:
     return _whitened(w64, root[:, None] * q.mT, lambda p: q @ (p / root[:, None]), "svdllm_v2")
 
 
+def dobi_spectrum(W: Tensor, G: Tensor) -> Spectrum:
+    """Dobi-SVD's weight update from truncated activations (Qinsi Wang et al. 2025,
+    arXiv:2502.02723, Sec 3.3): truncate the layer's OUTPUT activations A = X W, not W.
+
+    With A = P diag(s) Q^T, the rank-r truncation A Q_r Q_r^T = X (W Q_r Q_r^T) is the best
+    rank-r activation (Eckart-Young), so W_hat_r = W Q_r Q_r^T. Q and s^2 are the eigenvectors and
+    eigenvalues of A^T A = W^T G W (G: the unnormalised input Gram), so no inverse of G is needed:
+    a singular G is no problem. Their code gathers Q from each calibration sequence's SVD and
+    merges the per-sequence subspaces by incremental PCA because an LLM's activations do not fit
+    in memory; ours do, so Q here is the principal subspace of all calibration activations, the
+    quantity their Theorem names. The singular values s are those of A, so sum_{j>r} s_j^2 is
+    ||X (W - W_hat_r)||_F^2. They are floored at 1e-12 of the largest so `left` = W Q / s stays
+    finite; a floored direction carries no activation energy and is truncated first."""
+    w64 = W.to(torch.float64)
+    g = G.to(device=w64.device, dtype=torch.float64)
+    g = (g + g.mT) / 2
+    lam, q = torch.linalg.eigh(w64.mT @ g @ w64)  # ascending
+    lam, q = lam.flip(0), q.flip(1)
+    k = min(w64.shape)  # rank(X W) <= min(in, out): the trailing eigenvectors carry nothing
+    s = lam[:k].clamp_min(0).sqrt()
+    s = s.clamp_min(1e-12 * s.max().clamp_min(1e-300))
+    q = q[:, :k]
+    return Spectrum("dobi", s, (w64 @ q) / s, q)
+
+
 def asvd_scaled_spectrum(W: Tensor, abs_mean: Tensor, alpha: float = 0.5) -> Spectrum:
     """ASVD's activation-aware scaling (Yuan et al. 2023, arXiv:2312.05821, Sec 3.2, "abs_mean").
 
@@ -247,6 +273,7 @@ METHODS: dict[str, tuple[Callable[..., Spectrum], tuple[str, ...]]] = {
     "asvd_whiten": (lambda W, H, damp, **_: asvd_whiten_spectrum(W, H, damp), ("H",)),
     "svdllm": (lambda W, G, **_: svdllm_spectrum(W, G), ("G",)),
     "svdllm_v2": (lambda W, G, **_: svdllm_v2_spectrum(W, G), ("G",)),
+    "dobi": (lambda W, G, **_: dobi_spectrum(W, G), ("G",)),
     "asvd": (lambda W, abs_mean, alpha, **_: asvd_scaled_spectrum(W, abs_mean, alpha), ("abs_mean",)),
     "fwsvd": (lambda W, fisher, **_: fwsvd_spectrum(W, fisher), ("fisher",)),
 }

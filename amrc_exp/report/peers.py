@@ -25,15 +25,16 @@ PEER_LABELS = {
     "svd": "SVD",
     "svdllm": "SVD-LLM [Wang+24]",
     "svdllm_v2": "SVD-LLM V2 [Wang+25]",
+    "dobi": "Dobi-SVD [Wang+25b]",
     "asvd": "ASVD + search [Yuan+23]",
     "fwsvd": "FWSVD [Hsu+22]",
     "paper": "paper (as published)",
     "ours_oa": "ours (output-aware)",
 }
 OURS = "ours_oa"
-CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; SVD-LLM V2: Wang et al. 2025, arXiv:2503.12340; ASVD: Yuan et al. 2023, arXiv:2312.05821; "
+CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; SVD-LLM V2: Wang et al. 2025, arXiv:2503.12340; Dobi-SVD: Qinsi Wang et al. 2025, arXiv:2502.02723; ASVD: Yuan et al. 2023, arXiv:2312.05821; "
              "FWSVD: Hsu et al. 2022, ICLR, arXiv:2207.00112 (our implementations of their published "
-             "algorithms: amrc_exp/math/decompose.py, amrc_exp/math/allocate.py).")
+             "algorithms: amrc_exp/math/decompose.py, amrc_exp/math/allocate.py, amrc_exp/compress/dobi.py).")
 
 
 PEER_FIELDS = ("top1_compressed", "top1_finetuned", "agree_compressed", "kl_compressed", "agree_finetuned",
