@@ -94,7 +94,7 @@ def learn_positions(model: nn.Module, layers: dict[str, nn.Linear], probe: Probe
                     loss = (torch.exp(F.cross_entropy(model(x), y)) + schedule.penalty * (kept - target).abs()
                             + out_of_range)
                     if float(loss.detach()) < best_loss:  # the positions that produced this loss
-                        best, best_loss = frac.detach().clone(), float(loss)
+                        best, best_loss = frac.detach().clone(), float(loss.detach())
                     opt.zero_grad()
                     loss.backward(inputs=[frac])
                     opt.step()
