@@ -122,7 +122,8 @@ def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: tor
     layers = find_layers(model)
     n_calib = len(splits.calib)
     chunk = gd_chunk_size(cfg.zfit.batch_size, cfg.zfit.max_chunk_gib, layers, n_calib, device)
-    gram = needs_gram(cfg.amrc())
+    method = cfg.amrc()  # converted once: what the statistics must hold depends on the method
+    gram = needs_gram(method)
     key = stats_key(cfg, chunk, torch.device(device).type, amp and torch.device(device).type == "cuda", gram)
 
     def loader(dataset: Any) -> Any:
@@ -130,7 +131,7 @@ def calibration_stats(model: nn.Module, splits: Any, cfg: RunConfig, device: tor
                            **loader_options(cfg.data, device))
 
     # The probe (a few labelled calibration images) is data, not statistics: read, never cached.
-    probe = take_probe(loader(splits.calib), min(cfg.calib.probe_samples, n_calib)) if needs_probe(cfg.amrc()) else None
+    probe = take_probe(loader(splits.calib), min(cfg.calib.probe_samples, n_calib)) if needs_probe(method) else None
     sets = load_stats(cfg.cache_dir, key)
     if sets is not None:
         chunks = [sets[k] for k in sorted(sets) if k.startswith("calib/")]
