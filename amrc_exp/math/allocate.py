@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from amrc_exp.math.decompose import tail_energy
+
 __all__ = [
     "LayerSpec",
     "SCHEDULES",
@@ -322,7 +324,7 @@ def _truncation_loss_ranks(sigmas: Sequence[Tensor], specs: Sequence[LayerSpec],
     """SVD-LLM V2's ranks for a base reduction ratio `reduce` (Algorithm 1 of its paper)."""
     base = [ratio_rank(s, 1.0 - reduce) for s in specs]
     # L_min: the theoretical truncation loss of each matrix at the uniform ratio.
-    losses = [float(sig.to(torch.float64)[r:].square().sum().sqrt()) for sig, r in zip(sigmas, base)]
+    losses = [float(tail_energy(sig)[min(r, sig.numel())].sqrt()) for sig, r in zip(sigmas, base)]
     log_loss = [math.log(loss) if loss > 0 else 0.0 for loss in losses]
     ranks: Ranks = []
     members: dict[str, list[int]] = {}

@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "Spectrum",
+    "tail_energy",
     "svd_spectrum",
     "asvd_mean_spectrum",
     "asvd_whiten_spectrum",
@@ -56,10 +57,7 @@ class Spectrum:
     def energy_curve(self) -> Tensor:
         """Normalized energy loss sum_{j>r} s_j^2 / sum_j s_j^2 for r = 0..max_rank (Alg. 1's
         ComputeEnergyLoss). Ranks above k keep the loss at k. float64, on sigma's device."""
-        e = self.sigma.to(torch.float64) ** 2
-        # Tail sums by a reversed cumsum (not total - cumsum) so the curve is exactly
-        # non-negative and non-increasing, with tail[k] = 0.
-        tail = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+        tail = tail_energy(self.sigma)
         total = tail[0]
         loss = tail / total if total > 0 else torch.zeros_like(tail)  # W = 0 loses nothing
         pad = self.max_rank + 1 - loss.numel()
@@ -92,6 +90,15 @@ class Spectrum:
         """W_hat(r) = U V^T in float64 (in x out)."""
         k = min(r, self.rank_cap)
         return (self.left[:, :k] * self.sigma[:k]) @ self.right[:, :k].mT
+
+
+def tail_energy(sigma: Tensor) -> Tensor:
+    """sum_{j>r} sigma_j^2 for r = 0..k (float64): the energy a rank-r truncation discards.
+
+    A reversed cumsum (not total - cumsum), so it is exactly non-negative and non-increasing,
+    with tail[k] = 0."""
+    e = sigma.to(torch.float64) ** 2
+    return torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
 
 
 def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
