@@ -71,8 +71,8 @@ def grid(cfg) -> list[list[str]]:
 def test_every_table_and_scale_has_a_sweep_config():
     assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
-    assert PEER_CONFIGS == ["peers_embedded", "peers_paper"]
-    assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded"]
+    assert PEER_CONFIGS == ["peers_embedded", "peers_paper", "peers_seed1_embedded"]
+    assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_full_ft_embedded"]
 
 
 def test_every_method_config_is_checked():

@@ -314,6 +314,9 @@ def settings_note(df, finetune: bool = True, accuracy: bool = True) -> str | Non
         subsets = sorted({str(c["data"].get("finetune_subset")) for c in compressing})
         parts.append(f"fine-tuning {'/'.join(ft)} epoch(s) (paper: 20)"
                      + (f" on {'/'.join(subsets)} images" if subsets != ["None"] else ""))
+    scope = sorted({str(c["finetune"].get("params", "partial")) for c in compressing})
+    if finetune and ft != ["0"] and scope != ["partial"]:
+        parts.append(f"fine-tuned parameters: {'/'.join(scope)} (paper: partial, LN, biases, head, patch embedding)")
     it = sorted({str(c["zfit"]["iters"]) for c in compressing if c["zfit"]["solver"] == "gd"} or {"2000"})
     if it != ["2000"]:
         parts.append(f"Adam Z fit {'/'.join(it)} iterations (paper: 2000)")

@@ -81,7 +81,8 @@ def table8(df) -> Table:
                     "seeds": p["compressed"][2], "dense_ptq_interp": ref, "gap": top - ref})
     notes = ["Size: stored MiB (fp16 everything; N-bit: RTN channel-wise codes of every weight matrix plus an fp16 "
              "scale and zero point per channel, App. B). Dense PTQ has no fine-tuning; ours is fine-tuned "
-             "(fp16, partial), then quantized: `top-1 after FT` is the quantized fine-tuned model.",
+             "(fp16; the partial set unless the settings line says otherwise), then quantized: `top-1 after FT` "
+             "is the quantized fine-tuned model.",
              "gap: ours at its reported stage (after fine-tuning) minus dense PTQ alone interpolated at the same "
              "MiB, linear between the two nearest dense points; empty outside the dense points' range.",
              "Dense PTQ is deterministic (no calibration sample, no fine-tuning): its std over seeds is 0."]
