@@ -15,13 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from amrc_exp.compress.calibrate import LayerStats
-from amrc_exp.compress.config import (ASVD_SEARCH, DOBI, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM, AMRCConfig,
-                                      DecompConfig, ScheduleConfig, ZConfig)
+from amrc_exp.compress.config import (ASVD_SEARCH, DOBI, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM,
+                                      AMRCConfig, DecompConfig, ScheduleConfig, ZConfig)
 from amrc_exp.errors import ConfigError
 from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy, allocate_positions,
-                                    allocate_truncation_loss,
-                                    allocate_uniform, asvd_search, candidate_ranks, max_removable, ratio_rank,
-                                    sensitivity_curve)
+                                    allocate_truncation_loss, allocate_uniform, asvd_search, candidate_ranks,
+                                    max_removable, ratio_rank, sensitivity_curve)
 from amrc_exp.math.compensate import Z_TYPES, z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
 
