@@ -93,13 +93,14 @@ def learn_positions(model: nn.Module, layers: dict[str, nn.Linear], probe: Probe
                     out_of_range = (F.relu(-pos) ** 2 + F.relu(pos - max_rank) ** 2).sum()
                     loss = (torch.exp(F.cross_entropy(model(x), y)) + schedule.penalty * (kept - target).abs()
                             + out_of_range)
-                    if float(loss.detach()) < best_loss:  # the positions that produced this loss
-                        best, best_loss = frac.detach().clone(), float(loss.detach())
+                    value = float(loss.detach())
+                    if value < best_loss:  # the positions that produced this loss
+                        best, best_loss = frac.detach().clone(), value
                     opt.zero_grad()
                     loss.backward(inputs=[frac])
                     opt.step()
                     cosine.step()
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kept=f"{float(kept.detach()):.3f}")
+                    bar.set_postfix(loss=f"{value:.3f}", kept=f"{float(kept.detach()):.3f}")
                     bar.update()
     finally:
         for h in handles:

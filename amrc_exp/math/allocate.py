@@ -372,10 +372,17 @@ def allocate_truncation_loss(sigmas: Sequence[Tensor], specs: Sequence[LayerSpec
     hi = 1.0
     if total_params(specs, ranks_at(hi)) > final:  # every layer at min_rank: _check_budget allows it
         return _uniform(specs, Fraction(0), min_rank, "params")
-    while hi - lo > 1e-9:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total_params(specs, ranks_at(mid)) > final else (lo, mid)
+    _, hi = _threshold(lambda r: total_params(specs, ranks_at(r)) <= final, lo, hi)
     return ranks_at(hi)
+
+
+def _threshold(passes: Callable[[float], bool], lo: float, hi: float, tol: float = 1e-9) -> tuple[float, float]:
+    """[lo, hi] bisected to width `tol` around where `passes` turns true (false at lo, true at hi,
+    monotone in between): the allocators' one search for a budget-meeting scalar."""
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return lo, hi
 
 
 def _position_ranks(positions: Sequence[float], specs: Sequence[LayerSpec], shift: float, min_rank: int) -> Ranks:
@@ -400,16 +407,13 @@ def allocate_positions(positions: Sequence[float], specs: Sequence[LayerSpec], p
         return [None] * len(specs)
     final = sum(s.dense_params for s in specs) - params_to_remove
 
-    def meets(shift: float) -> bool:
-        return total_params(specs, _position_ranks(positions, specs, shift, min_rank)) <= final
+    def misses(shift: float) -> bool:
+        return total_params(specs, _position_ranks(positions, specs, shift, min_rank)) > final
 
+    # At -span every layer sits at min_rank, which meets the budget (_check_budget); at +span
+    # every rank is capped at min(in, out), past break-even, so every layer is dense: it misses.
     span = max(min(s.n_in, s.n_out) for s in specs) + max(abs(p) for p in positions) + 1
-    lo, hi = -span, span  # every layer at min_rank meets the budget (_check_budget), none does at +span
-    if meets(hi):
-        return _position_ranks(positions, specs, hi, min_rank)
-    while hi - lo > 1e-9:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    lo, _ = _threshold(misses, -span, span)
     return _position_ranks(positions, specs, lo, min_rank)
 
 

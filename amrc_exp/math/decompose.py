@@ -130,13 +130,18 @@ def asvd_mean_spectrum(W: Tensor, x_rep: Tensor, rcond: float = 1e-6) -> Spectru
     return Spectrum("asvd_mean", s, left, q)
 
 
+def _symmetric64(m: Tensor, device: torch.device) -> Tensor:
+    """`m` in float64 on `device`, symmetrized: streamed Gram sums can be asymmetric by rounding."""
+    m = m.to(device=device, dtype=torch.float64)
+    return (m + m.mT) / 2
+
+
 def damped(h: Tensor, damp: float) -> Tensor:
     """H + damp * mean(diag H) * I in float64, symmetrized; all-zero H becomes I.
 
     Relative damping makes dead channels and token-starved H positive definite without
     changing the objective's scale."""
-    h = h.to(torch.float64)
-    h = (h + h.mT) / 2  # streamed sums can be asymmetric by rounding
+    h = _symmetric64(h, h.device)
     n = h.shape[-1]
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
     eye = torch.eye(n, dtype=h.dtype, device=h.device)
@@ -191,8 +196,7 @@ def svdllm_spectrum(W: Tensor, G: Tensor) -> Spectrum:
     W_hat_r = S^{-T} [S^T W]_r, so ||X (W - W_hat)||_F is minimal at every rank. Their rule for
     a G that is not positive definite: shift it by (1e-6 - lambda_min) I before the Cholesky."""
     w64 = W.to(torch.float64)
-    g = G.to(device=w64.device, dtype=torch.float64)
-    g = (g + g.mT) / 2
+    g = _symmetric64(G, w64.device)
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
@@ -213,8 +217,7 @@ def svdllm_v2_spectrum(W: Tensor, G: Tensor) -> Spectrum:
     allocation (`math.allocate.allocate_truncation_loss`) reads. Eigenvalues are floored at
     1e-12 of the largest so S stays invertible."""
     w64 = W.to(torch.float64)
-    g = G.to(device=w64.device, dtype=torch.float64)
-    lam, q = torch.linalg.eigh((g + g.mT) / 2)
+    lam, q = torch.linalg.eigh(_symmetric64(G, w64.device))
     root = lam.clamp_min(1e-12 * lam.abs().max().clamp_min(1e-300)).sqrt()
     return _whitened(w64, root[:, None] * q.mT, lambda p: q @ (p / root[:, None]), "svdllm_v2")
 
@@ -233,9 +236,7 @@ def dobi_spectrum(W: Tensor, G: Tensor) -> Spectrum:
     ||X (W - W_hat_r)||_F^2. They are floored at 1e-12 of the largest so `left` = W Q / s stays
     finite; a floored direction carries no activation energy and is truncated first."""
     w64 = W.to(torch.float64)
-    g = G.to(device=w64.device, dtype=torch.float64)
-    g = (g + g.mT) / 2
-    lam, q = torch.linalg.eigh(w64.mT @ g @ w64)  # ascending
+    lam, q = torch.linalg.eigh(w64.mT @ _symmetric64(G, w64.device) @ w64)  # ascending
     lam, q = lam.flip(0), q.flip(1)
     k = min(w64.shape)  # rank(X W) <= min(in, out): the trailing eigenvectors carry nothing
     s = lam[:k].clamp_min(0).sqrt()
