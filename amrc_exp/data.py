@@ -553,13 +553,31 @@ def loader_options(data: DataConfig, device: torch.device | str) -> dict[str, An
     return {"num_workers": int(workers), "pin_memory": cuda}
 
 
+class _Loader(DataLoader):
+    """A DataLoader that stops its worker processes at once when an exception (a corrupt image,
+    Ctrl-C) ends an iteration. Left to the garbage collector, the iterator sits in a reference
+    cycle with the traceback; its queues can be finalised before it, the workers never get the
+    stop message, and each costs a 5 s join timeout (pytorch/pytorch#39570)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        try:
+            yield from it
+        except (Exception, KeyboardInterrupt):  # not GeneratorExit: a `break` leaves no cycle
+            stop = getattr(it, "_shutdown_workers", None)  # only multi-process iterators have one
+            if stop is not None:
+                stop()
+                self._iterator = None  # persistent_workers: the next epoch starts new workers
+            raise
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
     drop_last: bool = False, pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order (and workers' RNG) depends only on `seed`."""
     generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
+    return _Loader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
         num_workers=num_workers, drop_last=drop_last, worker_init_fn=_seed_worker,
         persistent_workers=num_workers > 0, pin_memory=pin_memory,

@@ -54,7 +54,7 @@ fi
 step env 30 5 "python -c 'import torch; print(\"NOTE: torch\", torch.__version__, \"cuda\", torch.version.cuda, \
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'"
 # The CUDA tests ask for device=cuda themselves; without a GPU (plumbing) they skip with a reason.
-step cuda_tests 150 20 "python -m pytest -q -rs -p no:cacheprovider -k cuda tests/"
+step cuda_tests 150 20 "python -m pytest -q -rs -n 0 -p no:cacheprovider -k cuda tests/"
 step agree_cpu 150 20 "python -m amrc_exp $AGREE device=cpu hydra.run.dir=$WORK/agree_cpu"
 step agree_gpu 120 20 "python -m amrc_exp $AGREE device=$DEV precision.tf32=false hydra.run.dir=$WORK/agree_gpu"
 step agree_compare 20 2 "python scripts/gpu_check.py compare $WORK/agree_cpu $WORK/agree_gpu $OUT/agree.json"

@@ -6,6 +6,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The pytest workers (pyproject's `-n 2`) share the machine's cores: each worker's torch,
+    # and every subprocess it starts, runs one thread (set above torch's import, for OpenMP), and
+    # the code that pins its own count (training's TRAIN_THREADS) sleeps instead of spinning
+    # while it waits, so no two thread pools spin against each other (10-50x slowdowns on 2 cores).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import amrc_exp
 
 import pytest
@@ -23,6 +31,11 @@ os.environ.setdefault("AMRC_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_schema()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import multiprocessing
 import struct
 import time
 from pathlib import Path
@@ -285,8 +286,9 @@ def test_image_folder_errors_name_data_root(image_folder, tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, workers):
-    """A truncated JPEG: by default an error naming the file and data.skip_corrupt; with
-    data.skip_corrupt=true the next image stands in and the skip is counted (across workers)."""
+    """A truncated JPEG: by default an error naming the file and data.skip_corrupt (and the
+    workers stopped); with data.skip_corrupt=true the next image stands in and the skip is
+    counted (across workers)."""
     from amrc_exp.data import CorruptImageError
 
     bad = sorted((image_folder / "val" / "n01440764").iterdir())[1]
@@ -296,6 +298,8 @@ def test_corrupt_image_is_named_or_skipped_and_counted(image_folder, workers):
     splits = load_splits(make_cfg(*base))
     with pytest.raises(CorruptImageError, match=rf"cannot decode image {bad}.*data.skip_corrupt=true"):
         list(make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers))
+    # the error stopped the workers at once (left to the garbage collector, each waits out a 5 s join)
+    assert not multiprocessing.active_children()
     splits = load_splits(make_cfg(*base, "data.skip_corrupt=true"))
     with pytest.warns(UserWarning, match="skipping a corrupt image") if workers == 0 else contextlib.nullcontext():
         labels = [int(y) for _, ys in make_loader(splits.val, 2, shuffle=False, seed=0, num_workers=workers) for y in ys]

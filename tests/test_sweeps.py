@@ -185,9 +185,20 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     """3 jobs (the first fails by design); kill -9 after the first success, rerun: the finished
     job is not recomputed, the failed and the killed ones are rerun, nothing is duplicated; then
     the tables of that sweep (the CI's reduced end-to-end grid)."""
+    from amrc_exp.experiment.sweep import list_jobs
+
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
     # ratio=0.99 cannot be met by rank-1 layers: that job fails (failed.json) and the sweep goes on
-    cmd = _sweep_cmd(sweep, cache, "method=svd_ft", "ratio=0.99,0.4,0.5")
+    overrides = ("method=svd_ft", "ratio=0.99,0.4,0.5")
+    cmd = _sweep_cmd(sweep, cache, *overrides)
+    # `python -m amrc_exp.experiment.sweep` lists the jobs, directories and states without running
+    listed = [f"hydra.sweep.dir={sweep}", f"cache_dir={cache}", *TINY, *overrides]
+
+    def states() -> dict[str, str]:
+        return {j.dir.name: j.state for j in list_jobs(SWEEPS, "table2_embedded", listed)}
+
+    before = list_jobs(SWEEPS, "table2_embedded", listed)
+    assert [j.state for j in before] == ["pending"] * 3 and len({j.dir for j in before}) == 3
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 150
@@ -207,6 +218,8 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     failed = _job_files(sweep, "failed.json")
     assert len(failed) == 1 and "ratio=0.99" in next(iter(failed))
     failed_mtime = next(iter(failed.values())).stat().st_mtime_ns
+    killed = states()  # the killed job has a directory but no result: pending
+    assert sorted(killed.values()) == ["done", "failed", "pending"] and killed[done_name] == "done"
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
     out = rerun.stdout + rerun.stderr
@@ -221,6 +234,10 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     assert results[done_name].stat().st_mtime_ns == done_mtime  # finished job not recomputed
     assert "already holds a finished result" in out
     assert next(iter(_job_files(sweep, "failed.json").values())).stat().st_mtime_ns != failed_mtime  # retried
+    # the listing's directories are those Hydra made, in the states they hold
+    assert states() == {d.name: ("done" if (d / "results.json").exists() else "failed") for d in job_dirs}
+    full = compose_sweep("table2_paper", ["data.root=/x"])
+    assert len(list_jobs(SWEEPS, "table2_paper", ["data.root=/x"])) == len(grid(full)) == 36
     for p in results.values():
         res = json.loads(p.read_text())
         assert res["status"] == "complete" and res["synthetic"] is True  # random weights: marked
@@ -239,29 +256,12 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     assert "| —" in (tmp_path / "tables" / "table2.md").read_text()
 
 
-def test_submitit_local_launcher(tmp_path):
-    """`hydra/launcher=submitit_local` (the SLURM launcher's local twin) runs a job to completion
-    in the same job directory the basic launcher would use."""
-    sweep = tmp_path / "sweep"
-    cmd = _sweep_cmd(sweep, tmp_path / "cache", "hydra/launcher=submitit_local", "method=svd_ft", "ratio=0.5",
-                     "finetune.epochs=0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    (name, path), = _job_files(sweep, "results.json").items()
-    excluded = set(compose_sweep("table2_embedded").hydra.job.config.override_dirname.exclude_keys)
-    named = [o for o in TINY if o.split("=")[0] not in excluded]  # weights, batch sizes: not in names
-    from amrc_exp.experiment.config import job_dirname
-
-    assert name == job_dirname(",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named])))
-    assert json.loads(path.read_text())["status"] == "complete"
-    assert (sweep / ".submitit").is_dir()
-
-
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_failed_jobs_make_the_sweep_fail_under_every_launcher(tmp_path, launcher):
     """A job that fails validation (ratio=1.2) or the budget check (ratio=0.99) writes failed.json
     in its own directory; the sweep lists both and exits 2, also when the jobs ran in other
-    processes (joblib workers, submitit jobs), where no in-process state reaches the launcher."""
+    processes (joblib workers, submitit jobs), where no in-process state reaches the launcher.
+    The job that completes sits in the directory the basic launcher would give it."""
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     cmd = _sweep_cmd(sweep, tmp_path / "cache", f"hydra/launcher={launcher}", *extra, "method=svd_ft",
@@ -273,27 +273,15 @@ def test_failed_jobs_make_the_sweep_fail_under_every_launcher(tmp_path, launcher
     failed = _job_files(sweep, "failed.json")
     assert sorted(n.split("ratio=")[1].split(",")[0] for n in failed) == ["0.99", "1.2"]
     assert "ratio=1.2" in json.loads(next(p for n, p in failed.items() if "ratio=1.2" in n).read_text())["error"]
-    assert len(_job_files(sweep, "results.json")) == 1
+    (name, path), = _job_files(sweep, "results.json").items()
+    assert json.loads(path.read_text())["status"] == "complete"
+    excluded = set(compose_sweep("table2_embedded").hydra.job.config.override_dirname.exclude_keys)
+    named = [o for o in TINY if o.split("=")[0] not in excluded]  # weights, batch sizes: not in names
+    from amrc_exp.experiment.config import job_dirname
 
-
-def test_sweep_listing_matches_what_the_sweep_runs(tmp_path):
-    """`python -m amrc_exp.experiment.sweep` lists the jobs, directories and states of a sweep
-    without running it; after a real (partly failing) run its directories are those Hydra made."""
-    from amrc_exp.experiment.sweep import list_jobs
-
-    sweep = tmp_path / "sweep"
-    extra = [f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *TINY, "method=svd_ft",
-             "ratio=0.5,0.99", "finetune.epochs=0"]
-    before = list_jobs(SWEEPS, "table2_embedded", extra)
-    assert [j.state for j in before] == ["pending", "pending"] and len({j.dir for j in before}) == 2
-    full = compose_sweep("table2_paper", ["data.root=/x"])
-    assert len(list_jobs(SWEEPS, "table2_paper", ["data.root=/x"])) == len(grid(full)) == 36
-    proc = subprocess.run(_sweep_cmd(sweep, tmp_path / "cache", "method=svd_ft", "ratio=0.5,0.99", "finetune.epochs=0"),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 2  # ratio=0.99 cannot be met
-    after = {j.dir.name: j.state for j in list_jobs(SWEEPS, "table2_embedded", extra)}
-    assert after == {d.name: ("done" if (d / "results.json").exists() else "failed") for d in sweep.iterdir() if d.is_dir()}
-    assert sorted(after.values()) == ["done", "failed"]
+    assert name == job_dirname(",".join(sorted(["method=svd_ft", "ratio=0.5", "finetune.epochs=0", *named])))
+    if launcher == "submitit_local":  # `hydra/launcher=submitit_local`: the SLURM launcher's local twin
+        assert (sweep / ".submitit").is_dir()
 
 
 def test_peers_paper_runs_with_local_files(tmp_path):
