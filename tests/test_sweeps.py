@@ -37,6 +37,7 @@ METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "fwsvd": ("fwsvd", "param_uniform", "none", "gd"),
     "ours_oa": ("asvd_whiten", "output_aware", "none", "gd"),
     "ours_kd": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_oa, fine-tuned by distillation
+    "ours_fm": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_kd + feature matching
 }
 # Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
 # samples everywhere. Every such run must come out marked synthetic.
@@ -72,7 +73,17 @@ def test_every_table_and_scale_has_a_sweep_config():
     assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
     assert PEER_CONFIGS == ["peers_embedded", "peers_paper", "peers_seed1_embedded"]
-    assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_full_ft_embedded"]
+    assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_fm_embedded",
+                                "frontier_full_ft_embedded"]
+
+
+def test_fine_tune_loss_methods():
+    """ours_kd distils; ours_fm distils and matches the compressed layers' outputs; both keep the
+    frontier sweep's lr and partial set, so they differ from ours_oa in the loss alone."""
+    for method, loss, beta in (("ours_oa", "ce", 0.0), ("ours_kd", "kd", 0.0), ("ours_fm", "kd", 1.0)):
+        cfg = compose_sweep("frontier_fm_embedded", [f"method={method}"])
+        assert (cfg.finetune.loss, cfg.finetune.feature_weight, cfg.finetune.lr, cfg.finetune.params) == \
+            (loss, beta, 1e-3, "partial")
 
 
 def test_every_method_config_is_checked():
@@ -97,7 +108,7 @@ def test_sweep_config_jobs_compose(name):
     expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 144, "peers_paper": 48, "peers_seed1_embedded": 72, "frontier_full_ft_embedded": 3,
-                "frontier_embedded": 36, "frontier_dense_embedded": 3}[name]
+                "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27}[name]
     assert len(jobs) == expected
     dirs = set()
     for job in jobs:

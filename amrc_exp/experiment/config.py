@@ -31,6 +31,7 @@ from amrc_exp.compress.config import (
     check,
     check_recipe,
     choices,
+    non_negative_float,
     positive_float,
     positive_int,
 )
@@ -40,7 +41,7 @@ from amrc_exp.models.config import ModelConfig
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "dobi", "asvd", "fwsvd", "ours_oa", "ours_kd")  # sweeps/method/*.yaml
+METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "dobi", "asvd", "fwsvd", "ours_oa", "ours_kd", "ours_fm")  # sweeps/method/*.yaml
 LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
     ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
     ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))
@@ -83,6 +84,7 @@ class FinetuneConfig:
     kd_temperature: float = 2.0  # T of the softened outputs (kd, ce+kd)
     kd_weight: float = 0.5  # the KD share of ce+kd
     params: ScopeName = "partial"  # partial (the paper: LN, biases, head, patch embed) | all (+ U, V, Z, dense weights)
+    feature_weight: float = 0.0  # β of feature matching on the compressed layers' outputs (0: off; needs the dense model)
 
     def __post_init__(self) -> None:
         check_recipe("finetune", self)
@@ -90,10 +92,12 @@ class FinetuneConfig:
         self.params = as_choice(ScopeName, "finetune.params", self.params)
         positive_float("finetune.kd_temperature", self.kd_temperature)
         check("finetune.kd_weight", self.kd_weight, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+        non_negative_float("finetune.feature_weight", self.feature_weight)
 
     def objective(self) -> FinetuneLoss:
         """The library's loss for these settings."""
-        return FinetuneLoss(str(self.loss), float(self.kd_temperature), float(self.kd_weight))
+        return FinetuneLoss(str(self.loss), float(self.kd_temperature), float(self.kd_weight),
+                            float(self.feature_weight))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 RTN PTQ at several bit widths, ours low-rank alone (fp16) at every ratio, and ours low-rank +
 N-bit PTQ, each point the mean ± sample std over the sweep's seeds, before and after fine-tuning;
 ours fine-tuned on labels (`ours_oa`, the paper's cross-entropy) and by distillation from the
-dense model (`ours_kd`), side by side.
+dense model (`ours_kd`), and by distillation plus feature matching (`ours_fm`), side by side.
 
 Every ours point is set beside dense PTQ alone at the same size, interpolated linearly in MiB
 between the two nearest dense points (no extrapolation: outside the dense points' range the gap
@@ -18,7 +18,8 @@ import pandas as pd
 
 from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
 
-OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT"}  # method -> row label (the fine-tune's loss)
+OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT"}  # method -> row label (the fine-tune's loss)
+STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-.")}  # Fig 5: marker, line per method
 STAGES = ("compressed", "finetuned")  # before / after fine-tuning
 
 
@@ -87,7 +88,10 @@ def table8(df) -> Table:
              "MiB, linear between the two nearest dense points; empty outside the dense points' range.",
              "Dense PTQ is deterministic (no calibration sample, no fine-tuning): its std over seeds is 0."]
     notes.append("ours: fine-tuned on the labels (cross-entropy, the paper's); ours KD-FT: by distillation from "
-                 "the dense model (finetune.loss=kd, T = 2); the same compressed model before fine-tuning.")
+                 "the dense model (finetune.loss=kd, T = 2)"
+                 + ("; ours KD+FM-FT: distillation plus feature matching on the compressed layers' outputs "
+                    "(finetune.feature_weight = β = 1)" if (df["method"] == "ours_fm").any() else "")
+                 + "; the same compressed model before fine-tuning.")
     note = settings_note(df[df["method"].isin(["dense", *OURS])])
     if note:
         notes.append(note)
@@ -107,7 +111,7 @@ def plot_frontier(df, ax) -> None:
             ours = sorted((p["size_mib"][0], p[best_stage(p)], p["ratio"]) for p in points
                           if p["method"] == method and p["bits"] == bits)
             ax.errorbar([o[0] for o in ours], [o[1][0] for o in ours], yerr=[o[1][1] for o in ours],
-                        marker="o" if method == "ours_oa" else "^", linestyle="-" if method == "ours_oa" else ":",
+                        marker=STYLE[method][0], linestyle=STYLE[method][1],
                         capsize=2, label=f"{name} low-rank{' fp16' if bits == 16 else f' + {bits}-bit'} (after FT)")
     ax.set_xscale("log")
     ax.set_xlabel("stored size (MiB, log)")
