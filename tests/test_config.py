@@ -66,7 +66,7 @@ def test_readme_overrides_compose(overrides):
     ("ratio=0", "ratio"), ("ratio=1", "ratio"), ("ratio=-0.2", "ratio"), ("ratio=1.5", "ratio"),
     ("calib.num_samples=-1", "calib.num_samples"), ("calib.num_samples=0", "calib.num_samples"),
     ("zfit.iters=0", "zfit.iters"), ("schedule.iters=-5", "schedule.iters"),
-    ("finetune.epochs=-1", "finetune.epochs"),
+    ("finetune.epochs=-1", "finetune.epochs"), ("finetune.feature_weight=-0.5", "finetune.feature_weight"),
     ("ptq.bits=3000", "ptq.bits"), ("seed=-1", "seed"), ("seed=4294967296", "seed"), ("z_type.fraction=1.5", "z_type.fraction"),
     ("target_params=0", "target_params"),
 ])

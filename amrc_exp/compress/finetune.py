@@ -66,8 +66,8 @@ def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, to
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise ValueError(f"feature matching: the teacher has no module {missing[0]!r}; pass the dense model "
-                         "the compressed one was made from")
+        raise ValueError(f"feature matching: no module {missing[0]!r} in {type(model).__name__}; the teacher "
+                         "must be the dense model the compressed one was made from")
     outputs: dict[str, torch.Tensor] = {}
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in names]
     try:
@@ -149,7 +149,8 @@ def partial_finetune(model: nn.Module, loader, *, epochs: int, lr: float, weight
         teacher.eval()
     # feature matching: the outputs of the compressed layers, here and in the dense model
     matched = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)] if loss.feature_weight else []
-    with capture_outputs(model, matched) as own, capture_outputs(teacher or model, matched) as dense:
+    with capture_outputs(model, matched) as own, \
+            capture_outputs(teacher if teacher is not None else model, matched) as dense:
         history = _train(model, loader, opt, sched, epochs, device, amp, loss, teacher, own, dense)
     model.eval()
     for p in model.parameters():
