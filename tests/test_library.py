@@ -142,7 +142,7 @@ def test_readme_embedded_block_needs_no_hydra_and_draws_the_cli_splits(tmp_path)
         "json.dump({'loaded': sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')), "
         "'sha': info['weights_sha256'], 'calib': splits.calib.indices, 'heldout': splits.heldout.indices, "
         f"'top1': top1(model, val, 'cpu')}}, open({str(tmp_path / 'out.json')!r}, 'w'))\n")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}  # one thread: a pytest worker beside it
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
