@@ -48,3 +48,15 @@ def test_compare_flags_a_rank_flip_and_an_error_drift(tmp_path):
     drift = subprocess.run(script + [str(write("drift", [4, 5], 1.1e-2)), str(tmp_path / "c.json")])
     assert (ok.returncode, flip.returncode, drift.returncode) == (0, 1, 1)
     assert json.loads((tmp_path / "b.json").read_text())["rank_flips"] == 1
+
+
+def test_every_cuda_test_is_selected_by_the_gpu_check():
+    """gpu_check.sh's `cuda_tests` step runs `pytest -k cuda`: every test that skips without a GPU
+    must carry "cuda" in its name, or a GPU machine never runs it."""
+    import re
+
+    decorated = re.compile(r"@pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)[^\n]*\n(?:@[^\n]*\n)*def (\w+)")
+    found = [(path.name, name) for path in sorted((ROOT / "tests").glob("test_*.py"))
+             for name in decorated.findall(path.read_text())]
+    assert len(found) >= 7  # the pattern still finds the GPU tests (one per file today)
+    assert [f"{file}::{name}" for file, name in found if "cuda" not in name] == []

@@ -340,7 +340,7 @@ def test_embedded_weights_trained_on_a_gpu_are_keyed_apart():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_embedded_model_trains_on_the_run_device(tmp_path):
+def test_embedded_model_trains_on_the_run_device_cuda(tmp_path):
 
     cfg = make_cfg("device=cuda", "model.weights=train", "model.train.epochs=1", f"cache_dir={tmp_path}")
     model, info = load_model(cfg, load_splits(cfg))
