@@ -13,6 +13,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # while it waits, so no two thread pools spin against each other (10-50x slowdowns on 2 cores).
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 import amrc_exp
 
@@ -31,11 +34,6 @@ os.environ.setdefault("AMRC_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_schema()
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
