@@ -128,7 +128,8 @@ class DecompConfig:
     """Sec 3.1: `svd`, `asvd_mean` (the paper's Eq 6-7) or `asvd_whiten` (ours: Eq 5's optimum);
     the peers `svdllm` (SVD-LLM's whitening), `svdllm_v2` (SVD-LLM V2's two-SVD truncation),
     `dobi` (Dobi-SVD's weight update from truncated activations),
-    `asvd` (ASVD's channel scaling) and `fwsvd` (Fisher-weighted SVD), see `amrc_exp.math.decompose`."""
+    `asvd` (ASVD's channel scaling) and `fwsvd` (Fisher-weighted SVD), and ours two-sided,
+    `whiten_fisher` (asvd_whiten's input and FWSVD's output weighting at once), see `amrc_exp.math.decompose`."""
 
     name: DecompName = DecompName("asvd_mean")
     damp: float = 1.0e-4  # relative damping of H (asvd_whiten, closed-form Z): keeps singular H solvable
@@ -153,6 +154,9 @@ class ScheduleConfig:
     gamma: float = 80.0
     min_rank: int = 1  # 0 lets a layer keep its bias alone
     candidates: int = 6  # output_aware: ranks measured per layer (the rest interpolated)
+    # output_aware: also measure the whole model's probe KL at the param_uniform ranks and keep
+    # whichever allocation has the lower one (the per-layer sum misleads when nearly all are cut)
+    check_uniform: bool = False
     epochs: int = 20  # dobi: passes over the labelled probe images
     lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
     beta: float = 10.0  # dobi: sharpness of the tanh truncation mask, per rank position
@@ -164,6 +168,7 @@ class ScheduleConfig:
         positive_float("schedule.gamma", self.gamma)
         non_negative_int("schedule.min_rank", self.min_rank)
         positive_int("schedule.candidates", self.candidates)
+        check("schedule.check_uniform", self.check_uniform, lambda v: isinstance(v, bool), "true or false")
         positive_int("schedule.epochs", self.epochs)
         positive_float("schedule.lr", self.lr)
         positive_float("schedule.beta", self.beta)

@@ -116,6 +116,8 @@ ASVD_RATIOS = tuple(i / 10 for i in range(10))
 
 # metric, {layer: ranks to measure} -> {layer: {rank: value}} (`probe.layer_sensitivity` bound to a model)
 Sensitivity = Callable[[str, dict[str, list[int]]], dict[str, dict[int, float]]]
+# {label: {layer: rank}} -> {label: whole-model probe KL} (`probe.allocation_kl` bound to a model)
+WholeModelKL = Callable[[dict[str, dict[str, Optional[int]]]], dict[str, float]]
 
 
 def weight_type(spec: LayerSpec) -> str:
@@ -127,13 +129,17 @@ def weight_type(spec: LayerSpec) -> str:
 
 def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remove: int,
                    schedule: ScheduleConfig, sensitivity: Optional[Sensitivity] = None,
-                   positions: Optional[dict[str, float]] = None) -> dict[str, int | None]:
+                   positions: Optional[dict[str, float]] = None,
+                   whole_model_kl: Optional[WholeModelKL] = None) -> dict[str, int | None]:
     """Rank per layer (None = stays dense) meeting the budget (Sec 3.2); the budget was checked
-    by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`;
-    `dobi` reads the truncation positions `compress.dobi.learn_positions` trained."""
+    by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`
+    (and `output_aware` with `check_uniform` through `whole_model_kl`); `dobi` reads the
+    truncation positions `compress.dobi.learn_positions` trained."""
     name, min_rank = schedule.name, schedule.min_rank
     if name in (ASVD_SEARCH, OUTPUT_AWARE) and sensitivity is None:
         raise ValueError(f"schedule.name={name} measures the model: pass `sensitivity` (search() does)")
+    if name == OUTPUT_AWARE and schedule.check_uniform and whole_model_kl is None:
+        raise ValueError("schedule.check_uniform measures the whole model: pass `whole_model_kl` (search() does)")
     if name == DOBI and positions is None:
         raise ValueError(f"schedule.name={name} reads learned truncation positions: pass `positions` (search() does)")
     if name == UNIFORM:
@@ -154,8 +160,20 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
         costs = [sensitivity_curve(spectra[s.name].energy_curve().tolist(), kl[s.name], s.break_even_rank + 1)
                  for s in specs]
         ranks = allocate_by_cost(costs, specs, to_remove, min_rank)
+        if schedule.check_uniform:
+            return _checked(specs, ranks, allocate_uniform(specs, to_remove, min_rank, kind="params"), whole_model_kl)
     else:
         curves = [spectra[s.name].energy_curve() for s in specs]
         ranks = allocate_greedy(curves, specs, to_remove, schedule.name, schedule.iters,
                                 schedule.gamma, min_rank)
     return {s.name: r for s, r in zip(specs, ranks)}
+
+
+def _checked(specs: list[LayerSpec], ranks: list[int | None], uniform: list[int | None],
+             whole_model_kl: WholeModelKL) -> dict[str, int | None]:
+    """`ranks` (output_aware's) unless the param_uniform ranks give the whole model a lower probe
+    KL (ties keep `ranks`): both meet the budget, so the measured output decides."""
+    options = {OUTPUT_AWARE: {s.name: r for s, r in zip(specs, ranks)},
+               PARAM_UNIFORM: {s.name: r for s, r in zip(specs, uniform)}}
+    kl = whole_model_kl(options)
+    return options[PARAM_UNIFORM if kl[PARAM_UNIFORM] < kl[OUTPUT_AWARE] else OUTPUT_AWARE]

@@ -8,11 +8,14 @@ reconstruction, every other layer dense) and measures the model on the probe:
 * ``loss``: the cross-entropy of the probe's labels (ASVD: the calibration perplexity);
 * ``kl``: mean KL(dense ‖ truncated) of the class distributions (ours: label-free, and it
   separates layers where top-1 is saturated).
+
+`allocation_kl` measures the same KL with every layer truncated at once, to check a whole
+allocation (``schedule.check_uniform``).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from amrc_exp.compress.evaluate import kl_rows
 from amrc_exp.math.decompose import Spectrum
 
-__all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "METRICS"]
+__all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "allocation_kl", "METRICS"]
 
 
 @dataclass
@@ -115,6 +118,19 @@ def _loss(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tenso
 METRICS: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {"kl": _kl, "loss": _loss}
 
 
+def _scorer(model: nn.Module, probe: Probe, metric: str, device: torch.device) -> Callable[[], float]:
+    """`metric` of the model as it is at each call, on the probe, against the dense model's
+    output now (computed once, here); the model must be in eval mode."""
+    score = METRICS[metric]
+    batches = [(x.to(device), None if y is None else y.to(device)) for x, y in probe.batches()]
+    dense = [F.log_softmax(model(x).double(), dim=-1) for x, _ in batches]
+
+    def measure() -> float:
+        return sum(float(score(model(x), d, y)) for (x, y), d in zip(batches, dense)) / len(probe)
+
+    return measure
+
+
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[str, Spectrum],
                       ranks: dict[str, Sequence[int]], probe: Probe, metric: str = "kl",
@@ -126,28 +142,50 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], spectra: d
     device = torch.device(device or next(model.parameters()).device)
     if metric == "loss":
         probe.require_labels("schedule=asvd_search (calibration loss)")
-    score = METRICS[metric]
     was_training = model.training
     model.eval()
-    batches = [(x.to(device), None if y is None else y.to(device)) for x, y in probe.batches()]
-    dense = [F.log_softmax(model(x).double(), dim=-1) for x, _ in batches]
-
-    def measure() -> float:
-        total = sum(float(score(model(x), d, y)) for (x, y), d in zip(batches, dense))
-        return total / len(probe)
-
     out: dict[str, dict[int, float]] = {}
     try:
+        measure = _scorer(model, probe, metric, device)
         with tqdm(total=sum(len(r) for r in ranks.values()), desc=f"sensitivity ({metric})", leave=False,
                   dynamic_ncols=True) as bar:
             for name, rs in ranks.items():
                 layer = layers[name]
                 out[name] = {}
                 for r in rs:
-                    w_hat = spectra[name].approx(r).T.to(layer.weight)  # torch layout: out x in
-                    with replaced_weight(layer, w_hat):
+                    with replaced_weight(layer, _reconstruction(spectra[name], r, layer)):
                         out[name][r] = measure()
                     bar.update()
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def allocation_kl(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[str, Spectrum],
+                  allocations: dict[str, dict[str, Optional[int]]], probe: Probe,
+                  device: torch.device | str | None = None) -> dict[str, float]:
+    """{label: mean KL(dense ‖ model) on the probe with EVERY layer at that allocation's rank}
+    (None: dense), one probe pass each: the whole-model measurement that checks an allocation
+    chosen from one-layer-at-a-time sensitivities, whose sum stops predicting the output once
+    nearly every layer is cut."""
+    device = torch.device(device or next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        measure = _scorer(model, probe, "kl", device)
+        out = {}
+        for label, ranks in allocations.items():
+            with ExitStack() as stack:
+                for name, r in ranks.items():
+                    if r is not None:
+                        stack.enter_context(replaced_weight(layers[name], _reconstruction(spectra[name], r, layers[name])))
+                out[label] = measure()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _reconstruction(spectrum: Spectrum, rank: int, layer: nn.Linear) -> Tensor:
+    """The rank-r weight U Vᵀ in torch's layout (out x in), the layer's dtype and device."""
+    return spectrum.approx(rank).T.to(layer.weight)

@@ -23,7 +23,7 @@ from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_c
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
 from amrc_exp.compress.config import ASVD_SEARCH, DOBI, OUTPUT_AWARE, AMRCConfig
 from amrc_exp.compress.dobi import learn_positions
-from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
+from amrc_exp.compress.probe import Probe, allocation_kl, fisher_rows, layer_sensitivity
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
 from amrc_exp.math.decompose import METHODS
@@ -52,6 +52,7 @@ class CompressionReport:
     params_target: int
     n_minibatches: int = 1  # GD mini-batches the Z fit used (1: the full-batch gradient)
     energy_curves: dict[str, list[float]] = field(default_factory=dict)  # Fig 1: loss vs rank
+    allocation_kl: dict[str, float] = field(default_factory=dict)  # schedule.check_uniform: probe KL per allocation
 
     @property
     def ranks(self) -> dict[str, Optional[int]]:
@@ -95,18 +96,25 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
+    checked: dict[str, float] = {}
+
+    def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
+        checked.update(allocation_kl(model, layers, spectra, allocations, _probe_of(stats, "schedule.check_uniform")))
+        return checked
+
     specs = layer_specs(layers, config.z_type)
     with stage("allocate"):
         positions = None
         if config.schedule.name == DOBI:
             positions = learn_positions(model, layers, _probe_of(stats, f"schedule.name={DOBI}"), specs, to_remove,
                                         config.schedule, seed=config.seed)
-        ranks = allocate_ranks(spectra, specs, to_remove, config.schedule, sensitivity, positions)
+        ranks = allocate_ranks(spectra, specs, to_remove, config.schedule, sensitivity, positions, whole_model_kl)
     with stage("compensate"):
         plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, config)
     return CompressionReport(plans, rows, params_before=n0, params_target=n0 - to_remove,
                              n_minibatches=stats.n_minibatches,
-                             energy_curves={n: s.energy_curve().tolist() for n, s in spectra.items()})
+                             energy_curves={n: s.energy_curve().tolist() for n, s in spectra.items()},
+                             allocation_kl=checked)
 
 
 def _probe_of(stats: CalibStats, what: str) -> Probe:

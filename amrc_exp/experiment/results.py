@@ -56,6 +56,7 @@ class RunResult:
     layers: Optional[list[dict[str, Any]]] = None  # one LayerReport row per compressible layer
     table1: Optional[dict[str, float]] = None  # Z overhead and mean held-out errors (Tab 1)
     energy_curves: Optional[dict[str, list[float]]] = None  # Fig 1
+    allocation_kl: Optional[dict[str, float]] = None  # schedule.check_uniform: whole-model probe KL per allocation
     finetune: Optional[dict[str, Any]] = None  # trainable params, loss per epoch
     throughput: Optional[dict[str, float]] = None  # compressed vs dense images/s, side by side
     precision: dict[str, Any] = field(default_factory=dict)  # TF32 and bf16 autocast per stage, as run

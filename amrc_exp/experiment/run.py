@@ -201,6 +201,7 @@ def _record_compression(res: RunResult, report: CompressionReport, cached: bool,
     res.ratio_achieved = 1.0 - params_after / report.params_before
     res.layers = [r.to_dict() for r in report.layers]
     res.table1, res.energy_curves = report.summary(), report.energy_curves
+    res.allocation_kl = report.allocation_kl or None
 
 
 def _finetune(model, splits, rc: RunConfig, device, amp, timer, teacher=None) -> dict[str, Any]:

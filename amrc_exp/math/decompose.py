@@ -24,6 +24,8 @@ __all__ = [
     "dobi_spectrum",
     "asvd_scaled_spectrum",
     "fwsvd_spectrum",
+    "fisher_scale",
+    "whiten_fisher_spectrum",
     "STATISTICS",
     "whitening_factor",
     "damped",
@@ -265,10 +267,29 @@ def fwsvd_spectrum(W: Tensor, fisher: Tensor) -> Spectrum:
     reconstruction error of each output, SVD(W D) = P Sig Q^T (paper layout: outputs are W's
     columns) and W_hat_r = P_r Sig_r Q_r^T D^{-1}."""
     w64 = W.to(torch.float64)
-    d = fisher.to(device=w64.device, dtype=torch.float64).clamp_min(0).sqrt()
-    d = d + 1e-6 * d.max().clamp_min(1e-300)  # an output with zero gradient keeps a finite weight
+    d = fisher_scale(fisher, w64.device)
     p, sig, q = _svd(w64 * d[None, :])
     return Spectrum("fwsvd", sig, p, q / d[:, None])
+
+
+def fisher_scale(fisher: Tensor, device: torch.device) -> Tensor:
+    """FWSVD's output weights D = sqrt(fisher) (float64, on `device`), each raised by 1e-6 of the
+    largest so that an output with zero gradient keeps a finite weight (D is inverted)."""
+    d = fisher.to(device=device, dtype=torch.float64).clamp_min(0).sqrt()
+    return d + 1e-6 * d.max().clamp_min(1e-300)
+
+
+def whiten_fisher_spectrum(W: Tensor, H: Tensor, fisher: Tensor, damp: float = 1e-4) -> Spectrum:
+    """Ours, two-sided: the exact rank-r optimum of min ||L^T (W_hat - W) D||_F, i.e. Eq 5's input
+    weighting (H_d = L L^T, as `asvd_whiten_spectrum`) and FWSVD's output weighting (D = diag
+    sqrt(Fisher), as `fwsvd_spectrum`) at once: the error in the directions the inputs excite, on
+    the outputs the loss is sensitive to. SVD(L^T W D) = P S Q^T, W_hat_r = L^{-T} P_r S_r Q_r^T D^{-1}
+    (Eckart-Young on the doubly weighted matrix). D = I gives asvd_whiten; L = I gives fwsvd."""
+    w64 = W.to(torch.float64)
+    lt, solve = whitening_factor(damped(H.to(w64.device), damp))
+    d = fisher_scale(fisher, w64.device)
+    p, s, q = _svd(lt @ w64 * d[None, :])
+    return Spectrum("whiten_fisher", s, solve(p), q / d[:, None])
 
 
 # The statistics a decomposition can ask for (LayerStats attributes; see calibrate.py).
@@ -284,6 +305,7 @@ METHODS: dict[str, tuple[Callable[..., Spectrum], tuple[str, ...]]] = {
     "dobi": (lambda W, G, **_: dobi_spectrum(W, G), ("G",)),
     "asvd": (lambda W, abs_mean, alpha, **_: asvd_scaled_spectrum(W, abs_mean, alpha), ("abs_mean",)),
     "fwsvd": (lambda W, fisher, **_: fwsvd_spectrum(W, fisher), ("fisher",)),
+    "whiten_fisher": (lambda W, H, fisher, damp, **_: whiten_fisher_spectrum(W, H, fisher, damp), ("H", "fisher")),
 }
 
 
