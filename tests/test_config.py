@@ -101,6 +101,12 @@ def test_library_configs_take_plain_strings_and_check_them():
     assert cfg.decomp.name == "asvd_whiten" and f"{cfg.zfit.solver}" == "closed_form"
     with pytest.raises(ConfigError, match=r"zfit.solver='adam': expected one of gd, closed_form"):
         ZFitConfig(solver="adam")
+    from amrc_exp.compress import ScheduleConfig
+
+    with pytest.raises(ConfigError, match=r"schedule.check_uniform='yes': expected true or false"):
+        ScheduleConfig("output_aware", check_uniform="yes")
+    with pytest.raises(ConfigError, match=r"schedule.check_uniform=True: expected false with schedule.name=exp"):
+        ScheduleConfig("exp", check_uniform=True)
 
 
 def test_data_choices_are_the_data_registry():
@@ -111,7 +117,7 @@ def test_data_choices_are_the_data_registry():
         DataConfig(name="mnist")
 
 
-@pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5"])
+@pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5", "schedule.check_uniform=maybe"])
 def test_wrong_type_fails_at_compose(override):
     with pytest.raises((ValidationError, ConfigCompositionException, HydraException)) as err:
         compose_cfg([override, "out_dir=."])

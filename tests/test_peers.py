@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from amrc_exp.compress.calibrate import collect_stats
-from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity
+from amrc_exp.compress.probe import Probe, allocation_kl, fisher_rows, layer_sensitivity
 from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_truncation_loss, allocate_uniform,
                                     asvd_search, candidate_ranks, sensitivity_curve, total_params)
 from amrc_exp.math.compensate import fit_closed_form, z_dense
 from amrc_exp.math.decompose import (asvd_scaled_spectrum, asvd_whiten_spectrum, decompose, fwsvd_spectrum,
-                                     svdllm_spectrum, svdllm_v2_spectrum)
+                                     svdllm_spectrum, svdllm_v2_spectrum, whiten_fisher_spectrum)
 
 
 
@@ -136,11 +136,53 @@ def test_fwsvd_minimises_the_fisher_weighted_output_error():
         assert err == pytest.approx(_tail(w * d[None, :], r), rel=1e-9)
 
 
+def test_whiten_fisher_is_the_rank_r_optimum_of_the_two_sided_error():
+    """||L^T (W - W_hat) D||_F^2 = tr(D E^T H E D) at the optimum is the eigenvalue tail of the
+    doubly weighted matrix (independent: eigvalsh, never the code's SVD), and no other rank-r
+    matrix does better: asvd_whiten's and fwsvd's optima, and random rank-r perturbations."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 7, generator=g) * torch.linspace(0.2, 3, 7)
+    h, w, fisher = x.T @ x / 60, torch.randn(7, 9, generator=g), torch.rand(9, generator=g) + 0.05
+    d = fisher.sqrt() + 1e-6 * fisher.sqrt().max()
+    sp = whiten_fisher_spectrum(w, h, fisher, damp=0.0)
+
+    def err(w_hat: torch.Tensor) -> float:
+        e = (w - w_hat) * d[None, :]
+        return float(torch.trace(e.T @ h @ e))
+
+    root = torch.linalg.cholesky(h).T  # any square root of H gives the same tail
+    for r in (1, 3, 5):
+        best = err(sp.approx(r))
+        assert best == pytest.approx(_tail(root @ w * d[None, :], r), rel=1e-8)
+        assert torch.linalg.matrix_rank(sp.approx(r)) == r
+        assert best <= err(asvd_whiten_spectrum(w, h, damp=0.0).approx(r)) * (1 + 1e-12)
+        assert best <= err(fwsvd_spectrum(w, fisher).approx(r)) * (1 + 1e-12)
+        u, v = sp.factors(r, torch.float64)
+        for _ in range(5):
+            du, dv = 1e-2 * torch.randn(u.shape, generator=g), 1e-2 * torch.randn(v.shape, generator=g)
+            assert err((u + du) @ (v + dv).T) > best
+
+
+def test_whiten_fisher_reduces_to_each_one_sided_weighting():
+    """Uniform Fisher weights give asvd_whiten's optimum; H = I gives fwsvd's (a scalar weight
+    on either side does not move the optimum)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 6, generator=g) * torch.linspace(0.3, 2, 6)
+    h, w, fisher = x.T @ x / 50, torch.randn(6, 8, generator=g), torch.rand(8, generator=g) + 0.1
+    for r in (1, 3):
+        assert torch.allclose(whiten_fisher_spectrum(w, h, torch.full((8,), 2.5), damp=0.0).approx(r),
+                              asvd_whiten_spectrum(w, h, damp=0.0).approx(r), atol=1e-10)
+        assert torch.allclose(whiten_fisher_spectrum(w, 3.0 * torch.eye(6), fisher, damp=0.0).approx(r),
+                              fwsvd_spectrum(w, fisher).approx(r), atol=1e-10)
+
+
 def test_decompose_dispatches_the_peers_and_names_missing_statistics():
     w = torch.randn(4, 3)
     with pytest.raises(ValueError, match="G"):
         decompose("svdllm", w, H=torch.eye(4))
     assert decompose("asvd", w, abs_mean=torch.ones(4)).method == "asvd"
+    with pytest.raises(ValueError, match="fisher"):
+        decompose("whiten_fisher", w, H=torch.eye(4))
 
 
 class _Tokens(nn.Module):
@@ -195,6 +237,63 @@ def test_layer_sensitivity_is_the_kl_of_the_truncated_model_and_restores_it():
         kl = (dense.exp() * (dense - F.log_softmax(twin(x), -1))).sum(-1).mean()
         assert got["0"][r] == pytest.approx(float(kl.detach()), rel=1e-9)
     assert torch.equal(model[0].weight.detach().T, w)
+
+
+def test_allocation_kl_truncates_every_layer_at_once_and_restores_them():
+    """The whole-model KL of an allocation against a twin model whose layers hold the rank-r
+    weights by hand; a None rank stays dense; the model's weights come back unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    x = torch.randn(20, 6)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {"0": model[0], "2": model[2]}
+    spectra = {n: asvd_whiten_spectrum(l.weight.detach().T.clone(), torch.eye(l.in_features)) for n, l in layers.items()}
+    allocations = {"both": {"0": 1, "2": 2}, "first": {"0": 2, "2": None}}
+    got = allocation_kl(model, layers, spectra, allocations, Probe(x, batch_size=7))
+    dense = F.log_softmax(model(x), -1)
+    for label, ranks in allocations.items():
+        twin = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+        twin.load_state_dict(saved)
+        with torch.no_grad():
+            for n, r in ranks.items():
+                if r is not None:
+                    twin[int(n)].weight.copy_(spectra[n].approx(r).T)
+        kl = (dense.exp() * (dense - F.log_softmax(twin(x), -1))).sum(-1).mean()
+        assert got[label] == pytest.approx(float(kl.detach()), rel=1e-9)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("uniform_better", [False, True])
+def test_checked_allocation_keeps_the_one_with_the_lower_whole_model_kl(uniform_better):
+    """`schedule.check_uniform`: the allocation returned is output_aware's or param_uniform's
+    (each computed independently here), whichever the whole-model measurement ranks lower."""
+    from amrc_exp.compress.config import ScheduleConfig
+    from amrc_exp.compress.plan import allocate_ranks
+
+    specs = [LayerSpec(f"l{i}", 16, 16) for i in range(3)]
+    spectra = {s.name: asvd_whiten_spectrum(torch.randn(16, 16, generator=torch.Generator().manual_seed(i)),
+                                             torch.eye(16)) for i, s in enumerate(specs)}
+    # one layer is far more sensitive, so output_aware's ranks differ from the uniform ones
+    scale = {"l0": 100.0, "l1": 1.0, "l2": 1.0}
+
+    def sensitivity(metric, ranks):
+        return {n: {r: scale[n] * spectra[n].energy_loss(r) for r in rs} for n, rs in ranks.items()}
+
+    seen = {}
+
+    def whole_model_kl(options):
+        seen.update(options)
+        return {"output_aware": 2.0, "param_uniform": 1.0 if uniform_better else 3.0}
+
+    to_remove = 300
+    schedule = ScheduleConfig("output_aware", min_rank=0, check_uniform=True)
+    got = allocate_ranks(spectra, specs, to_remove, schedule, sensitivity, whole_model_kl=whole_model_kl)
+    uniform = dict(zip([s.name for s in specs], allocate_uniform(specs, to_remove, 0, kind="params")))
+    unchecked = allocate_ranks(spectra, specs, to_remove, ScheduleConfig("output_aware", min_rank=0), sensitivity)
+    assert seen == {"output_aware": unchecked, "param_uniform": uniform} and unchecked != uniform
+    assert got == (uniform if uniform_better else unchecked)
+    with pytest.raises(ValueError, match="whole_model_kl"):
+        allocate_ranks(spectra, specs, to_remove, schedule, sensitivity)
 
 
 def test_param_uniform_keeps_the_same_parameter_fraction_and_is_the_largest_that_fits():
@@ -282,7 +381,8 @@ def test_lowrank_z_on_the_whitened_optimum_is_worth_exactly_its_parameters_as_ra
 
 @pytest.mark.parametrize("decomp,schedule", [("svdllm", "param_uniform"), ("svdllm_v2", "truncation_loss"),
                                              ("dobi", "dobi"), ("asvd", "asvd_search"),
-                                             ("fwsvd", "param_uniform"), ("asvd_whiten", "output_aware")])
+                                             ("fwsvd", "param_uniform"), ("asvd_whiten", "output_aware"),
+                                             ("whiten_fisher", "output_aware")])
 def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp, schedule):
     """compress_model with labelled loaders, z_type none, rank 0 allowed: the budget is met
     (within one rank step), the model still runs, and a ratio needing rank-0 layers is reachable."""
@@ -300,9 +400,11 @@ def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp,
     calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
     heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
     n0 = count_params(model)
-    config = AMRCConfig(ratio=0.6, decomp=DecompConfig(decomp), schedule=ScheduleConfig(schedule, min_rank=0),
-                        z_type=ZConfig("none"))
+    checked = decomp == "whiten_fisher"  # ours_wf: the allocation checked on the whole model
+    config = AMRCConfig(ratio=0.6, decomp=DecompConfig(decomp),
+                        schedule=ScheduleConfig(schedule, min_rank=0, check_uniform=checked), z_type=ZConfig("none"))
     report = compress_model(model, calib, heldout, config, probe_samples=16)
+    assert sorted(report.allocation_kl) == (["output_aware", "param_uniform"] if checked else [])
     compress_(model, report)
     step = max(r.n_in + r.n_out for r in report.layers)
     assert n0 * 0.4 - 10 * step <= count_params(model) <= round(n0 * 0.4)  # budget met, no big overshoot

@@ -38,6 +38,7 @@ METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "ours_oa": ("asvd_whiten", "output_aware", "none", "gd"),
     "ours_kd": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_oa, fine-tuned by distillation
     "ours_fm": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_kd + feature matching
+    "ours_wf": ("whiten_fisher", "output_aware", "none", "gd"),  # two-sided, allocation checked
 }
 # Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
 # samples everywhere. Every such run must come out marked synthetic.
@@ -107,7 +108,7 @@ def test_sweep_config_jobs_compose(name):
     jobs = grid(base)
     expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
-                "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 144, "peers_paper": 48, "peers_seed1_embedded": 72, "frontier_full_ft_embedded": 3,
+                "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 162, "peers_paper": 54, "peers_seed1_embedded": 81, "frontier_full_ft_embedded": 3,
                 "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27}[name]
     assert len(jobs) == expected
     dirs = set()

@@ -169,6 +169,8 @@ class ScheduleConfig:
         non_negative_int("schedule.min_rank", self.min_rank)
         positive_int("schedule.candidates", self.candidates)
         check("schedule.check_uniform", self.check_uniform, lambda v: isinstance(v, bool), "true or false")
+        check("schedule.check_uniform", self.check_uniform, lambda v: not v or self.name in (OUTPUT_AWARE, UNSET),
+              f"false with schedule.name={self.name} (it checks output_aware's allocation only)")
         positive_int("schedule.epochs", self.epochs)
         positive_float("schedule.lr", self.lr)
         positive_float("schedule.beta", self.beta)
