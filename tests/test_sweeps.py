@@ -109,7 +109,7 @@ def test_sweep_config_jobs_compose(name):
     expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 162, "peers_paper": 54, "peers_seed1_embedded": 81, "frontier_full_ft_embedded": 3,
-                "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27}[name]
+                "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27, "frontier_wf_embedded": 18}[name]
     assert len(jobs) == expected
     dirs = set()
     for job in jobs:

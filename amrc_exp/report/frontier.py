@@ -18,8 +18,9 @@ import pandas as pd
 
 from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
 
-OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT"}  # method -> row label (the fine-tune's loss)
-STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-.")}  # Fig 5: marker, line per method
+# method -> row label (the fine-tune's loss; ours_wf: the two-sided, checked variant, fine-tuned on labels)
+OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT", "ours_wf": "ours two-sided"}
+STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-."), "ours_wf": ("D", "--")}  # Fig 5: marker, line per method
 STAGES = ("compressed", "finetuned")  # before / after fine-tuning
 
 
