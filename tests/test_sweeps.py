@@ -75,7 +75,7 @@ def test_every_table_and_scale_has_a_sweep_config():
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
     assert PEER_CONFIGS == ["peers_embedded", "peers_paper", "peers_seed1_embedded"]
     assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_fm_embedded",
-                                "frontier_full_ft_embedded"]
+                                "frontier_full_ft_embedded", "frontier_wf_embedded"]
 
 
 def test_fine_tune_loss_methods():
