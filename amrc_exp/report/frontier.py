@@ -21,6 +21,12 @@ from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
 # method -> row label (the fine-tune's loss; ours_wf: the two-sided, checked variant, fine-tuned on labels)
 OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT", "ours_wf": "ours two-sided"}
 STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-."), "ours_wf": ("D", "--")}  # Fig 5: marker, line per method
+# the rows' notes beyond ours / ours KD-FT, for the variants a sweep ran
+VARIANT_NOTES = {
+    "ours_fm": "distillation plus feature matching on the compressed layers' outputs (finetune.feature_weight = β = 1)",
+    "ours_wf": "its own compressed model (`ours_wf`: decomp=whiten_fisher, schedule.check_uniform=true), fine-tuned "
+               "on the labels",
+}
 STAGES = ("compressed", "finetuned")  # before / after fine-tuning
 
 
@@ -88,11 +94,9 @@ def table8(df) -> Table:
              "gap: ours at its reported stage (after fine-tuning) minus dense PTQ alone interpolated at the same "
              "MiB, linear between the two nearest dense points; empty outside the dense points' range.",
              "Dense PTQ is deterministic (no calibration sample, no fine-tuning): its std over seeds is 0."]
+    extra = "".join(f"; {OURS[m]}: {text}" for m, text in VARIANT_NOTES.items() if (df["method"] == m).any())
     notes.append("ours: fine-tuned on the labels (cross-entropy, the paper's); ours KD-FT: by distillation from "
-                 "the dense model (finetune.loss=kd, T = 2)"
-                 + ("; ours KD+FM-FT: distillation plus feature matching on the compressed layers' outputs "
-                    "(finetune.feature_weight = β = 1)" if (df["method"] == "ours_fm").any() else "")
-                 + "; the same compressed model before fine-tuning.")
+                 f"the dense model (finetune.loss=kd, T = 2){extra}; the same compressed model before fine-tuning.")
     note = settings_note(df[df["method"].isin(["dense", *OURS])])
     if note:
         notes.append(note)
