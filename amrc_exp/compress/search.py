@@ -96,11 +96,12 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
-    checked: dict[str, float] = {}
+    checked: dict[str, float] = {}  # what schedule.check_uniform measured, kept for the report
 
     def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
-        checked.update(allocation_kl(model, layers, spectra, allocations, _probe_of(stats, "schedule.check_uniform")))
-        return checked
+        kl = allocation_kl(model, layers, spectra, allocations, _probe_of(stats, "schedule.check_uniform"))
+        checked.update(kl)
+        return kl
 
     specs = layer_specs(layers, config.z_type)
     with stage("allocate"):
