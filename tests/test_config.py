@@ -107,6 +107,10 @@ def test_library_configs_take_plain_strings_and_check_them():
         ScheduleConfig("output_aware", check_uniform="yes")
     with pytest.raises(ConfigError, match=r"schedule.check_uniform=True: expected false with schedule.name=exp"):
         ScheduleConfig("exp", check_uniform=True)
+    with pytest.raises(ConfigError, match=r"schedule.refine_steps=-1: expected an integer >= 0"):
+        ScheduleConfig("output_aware", refine_steps=-1)
+    with pytest.raises(ConfigError, match=r"schedule.refine_steps=5: expected 0 with schedule.name=param_uniform"):
+        ScheduleConfig("param_uniform", refine_steps=5)
 
 
 def test_data_choices_are_the_data_registry():
@@ -117,7 +121,8 @@ def test_data_choices_are_the_data_registry():
         DataConfig(name="mnist")
 
 
-@pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5", "schedule.check_uniform=maybe"])
+@pytest.mark.parametrize("override", ["ratio=abc", "calib.num_samples=lots", "seed=1.5", "schedule.check_uniform=maybe",
+                                      "schedule.refine_steps=lots"])
 def test_wrong_type_fails_at_compose(override):
     with pytest.raises((ValidationError, ConfigCompositionException, HydraException)) as err:
         compose_cfg([override, "out_dir=."])

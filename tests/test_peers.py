@@ -296,6 +296,43 @@ def test_checked_allocation_keeps_the_one_with_the_lower_whole_model_kl(uniform_
         allocate_ranks(spectra, specs, to_remove, schedule, sensitivity)
 
 
+def test_refined_allocation_is_the_brute_force_optimum_of_a_separable_whole_model_measure():
+    """`schedule.refine_steps`: from output_aware's ranks, the search moves ranks while the whole-
+    model measurement drops. With a measurement that is a sum of convex per-layer terms (here
+    unrelated to the sensitivities, so output_aware's start is off), it must end on the brute-force
+    optimum over every allocation meeting the budget, and the end point is measured as `refined`."""
+    from amrc_exp.compress.config import ScheduleConfig
+    from amrc_exp.compress.plan import REFINED, allocate_ranks
+
+    specs = [LayerSpec(f"l{i}", 8, 8) for i in range(3)]  # break-even rank 3
+    spectra = {s.name: asvd_whiten_spectrum(torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),
+                                             torch.eye(8)) for i, s in enumerate(specs)}
+    weight = {"l0": 1.0, "l1": 5.0, "l2": 0.2}
+
+    def sensitivity(metric, ranks):  # says l0 matters most: the measurement below disagrees
+        return {n: {r: (100.0 if n == "l0" else 1.0) * spectra[n].energy_loss(r) for r in rs} for n, rs in ranks.items()}
+
+    def truth(ranks):
+        return sum(weight[n] * 2.0 ** -r for n, r in ranks.items())
+
+    seen = {}
+
+    def whole_model_kl(options):
+        seen.update(options)
+        return {label: truth(ranks) for label, ranks in options.items()}
+
+    to_remove = 3 * 64 - 48  # 48 parameters kept: three ranks in all, no layer can stay dense (64)
+    start = allocate_ranks(spectra, specs, to_remove, ScheduleConfig("output_aware", min_rank=0), sensitivity)
+    got = allocate_ranks(spectra, specs, to_remove, ScheduleConfig("output_aware", min_rank=0, refine_steps=20),
+                         sensitivity, whole_model_kl=whole_model_kl)
+    feasible = [dict(zip(("l0", "l1", "l2"), r)) for r in itertools.product(range(4), repeat=3)
+                if total_params(specs, list(r)) <= 48]
+    best = min(feasible, key=truth)
+    assert got == best and seen[REFINED] == best and truth(start) > truth(best)
+    with pytest.raises(ValueError, match="whole_model_kl"):
+        allocate_ranks(spectra, specs, to_remove, ScheduleConfig("output_aware", min_rank=0, refine_steps=1), sensitivity)
+
+
 def test_param_uniform_keeps_the_same_parameter_fraction_and_is_the_largest_that_fits():
     specs = [LayerSpec("a", 16, 48), LayerSpec("b", 16, 16), LayerSpec("c", 16, 64)]
     to_remove = 1400
@@ -400,11 +437,14 @@ def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp,
     calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
     heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
     n0 = count_params(model)
-    checked = decomp == "whiten_fisher"  # ours_wf: the allocation checked on the whole model
-    config = AMRCConfig(ratio=0.6, decomp=DecompConfig(decomp),
-                        schedule=ScheduleConfig(schedule, min_rank=0, check_uniform=checked), z_type=ZConfig("none"))
+    checked = decomp == "whiten_fisher"  # ours_wf: the allocation checked and refined on the whole model
+    config = AMRCConfig(ratio=0.6, decomp=DecompConfig(decomp), z_type=ZConfig("none"),
+                        schedule=ScheduleConfig(schedule, min_rank=0, check_uniform=checked, refine_steps=3 * checked))
     report = compress_model(model, calib, heldout, config, probe_samples=16)
-    assert sorted(report.allocation_kl) == (["output_aware", "param_uniform"] if checked else [])
+    assert sorted(report.allocation_kl) == (["output_aware", "param_uniform", "refined"] if checked else [])
+    if checked:  # the search only takes moves that lower the whole-model KL
+        kl = report.allocation_kl
+        assert kl["refined"] <= min(kl["output_aware"], kl["param_uniform"])
     compress_(model, report)
     step = max(r.n_in + r.n_out for r in report.layers)
     assert n0 * 0.4 - 10 * step <= count_params(model) <= round(n0 * 0.4)  # budget met, no big overshoot

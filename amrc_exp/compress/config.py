@@ -157,6 +157,9 @@ class ScheduleConfig:
     # output_aware: also measure the whole model's probe KL at the param_uniform ranks and keep
     # whichever allocation has the lower one (the per-layer sum misleads when nearly all are cut)
     check_uniform: bool = False
+    # output_aware: then at most this many one-rank moves between layers, each lowering the whole
+    # model's probe KL (`amrc_exp.math.refine`; 0: none)
+    refine_steps: int = 0
     epochs: int = 20  # dobi: passes over the labelled probe images
     lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
     beta: float = 10.0  # dobi: sharpness of the tanh truncation mask, per rank position
@@ -171,6 +174,9 @@ class ScheduleConfig:
         check("schedule.check_uniform", self.check_uniform, lambda v: isinstance(v, bool), "true or false")
         check("schedule.check_uniform", self.check_uniform, lambda v: not v or self.name in (OUTPUT_AWARE, UNSET),
               f"false with schedule.name={self.name} (it checks output_aware's allocation only)")
+        non_negative_int("schedule.refine_steps", self.refine_steps)
+        check("schedule.refine_steps", self.refine_steps, lambda v: not v or self.name in (OUTPUT_AWARE, UNSET),
+              f"0 with schedule.name={self.name} (it refines output_aware's allocation only)")
         positive_int("schedule.epochs", self.epochs)
         positive_float("schedule.lr", self.lr)
         positive_float("schedule.beta", self.beta)

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from amrc_exp.compress.calibrate import LayerStats
 from amrc_exp.compress.config import (ASVD_SEARCH, DOBI, OUTPUT_AWARE, PARAM_UNIFORM, TRUNCATION_LOSS, UNIFORM,
@@ -23,8 +24,10 @@ from amrc_exp.math.allocate import (LayerSpec, allocate_by_cost, allocate_greedy
                                     max_removable, ratio_rank, sensitivity_curve)
 from amrc_exp.math.compensate import Z_TYPES, z_param_count
 from amrc_exp.math.decompose import Spectrum, decompose
+from amrc_exp.math.refine import refine_ranks
 
-__all__ = ["layer_weights", "decompose_layers", "layer_specs", "check_budget", "allocate_ranks"]
+__all__ = ["layer_weights", "decompose_layers", "layer_specs", "check_budget", "allocate_ranks", "REFINED",
+           "RECORDED_ALLOCATIONS"]
 
 
 def layer_weights(layers: dict[str, nn.Linear]) -> dict[str, Tensor]:
@@ -118,6 +121,9 @@ ASVD_RATIOS = tuple(i / 10 for i in range(10))
 Sensitivity = Callable[[str, dict[str, list[int]]], dict[str, dict[int, float]]]
 # {label: {layer: rank}} -> {label: whole-model probe KL} (`probe.allocation_kl` bound to a model)
 WholeModelKL = Callable[[dict[str, dict[str, Optional[int]]]], dict[str, float]]
+REFINED = "refined"  # schedule.refine_steps: the label of the allocation the local search ends on
+# The whole-model KLs a run records (results.json `allocation_kl`); the search's neighbours are not.
+RECORDED_ALLOCATIONS = (OUTPUT_AWARE, PARAM_UNIFORM, REFINED)
 
 
 def weight_type(spec: LayerSpec) -> str:
@@ -133,13 +139,14 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
                    whole_model_kl: Optional[WholeModelKL] = None) -> dict[str, int | None]:
     """Rank per layer (None = stays dense) meeting the budget (Sec 3.2); the budget was checked
     by `check_budget`. `asvd_search` and `output_aware` measure the model through `sensitivity`
-    (and `output_aware` with `check_uniform` through `whole_model_kl`); `dobi` reads the
-    truncation positions `compress.dobi.learn_positions` trained."""
+    (and `output_aware` with `check_uniform` or `refine_steps` through `whole_model_kl`); `dobi`
+    reads the truncation positions `compress.dobi.learn_positions` trained."""
     name, min_rank = schedule.name, schedule.min_rank
     if name in (ASVD_SEARCH, OUTPUT_AWARE) and sensitivity is None:
         raise ValueError(f"schedule.name={name} measures the model: pass `sensitivity` (search() does)")
-    if name == OUTPUT_AWARE and schedule.check_uniform and whole_model_kl is None:
-        raise ValueError("schedule.check_uniform measures the whole model: pass `whole_model_kl` (search() does)")
+    if name == OUTPUT_AWARE and (schedule.check_uniform or schedule.refine_steps) and whole_model_kl is None:
+        raise ValueError("schedule.check_uniform and schedule.refine_steps measure the whole model: "
+                         "pass `whole_model_kl` (search() does)")
     if name == DOBI and positions is None:
         raise ValueError(f"schedule.name={name} reads learned truncation positions: pass `positions` (search() does)")
     if name == UNIFORM:
@@ -161,7 +168,9 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
                  for s in specs]
         ranks = allocate_by_cost(costs, specs, to_remove, min_rank)
         if schedule.check_uniform:
-            return _checked(specs, ranks, allocate_uniform(specs, to_remove, min_rank, kind="params"), whole_model_kl)
+            ranks = _checked(specs, ranks, allocate_uniform(specs, to_remove, min_rank, kind="params"), whole_model_kl)
+        if schedule.refine_steps:
+            ranks = _refined(specs, ranks, to_remove, schedule, whole_model_kl)
     else:
         curves = [spectra[s.name].energy_curve() for s in specs]
         ranks = allocate_greedy(curves, specs, to_remove, schedule.name, schedule.iters,
@@ -170,10 +179,28 @@ def allocate_ranks(spectra: dict[str, Spectrum], specs: list[LayerSpec], to_remo
 
 
 def _checked(specs: list[LayerSpec], ranks: list[int | None], uniform: list[int | None],
-             whole_model_kl: WholeModelKL) -> dict[str, int | None]:
+             whole_model_kl: WholeModelKL) -> list[int | None]:
     """`ranks` (output_aware's) unless the param_uniform ranks give the whole model a lower probe
     KL (ties keep `ranks`): both meet the budget, so the measured output decides."""
     options = {OUTPUT_AWARE: {s.name: r for s, r in zip(specs, ranks)},
                PARAM_UNIFORM: {s.name: r for s, r in zip(specs, uniform)}}
     kl = whole_model_kl(options)
-    return options[PARAM_UNIFORM if kl[PARAM_UNIFORM] < kl[OUTPUT_AWARE] else OUTPUT_AWARE]
+    return uniform if kl[PARAM_UNIFORM] < kl[OUTPUT_AWARE] else ranks
+
+
+def _refined(specs: list[LayerSpec], ranks: list[int | None], to_remove: int, schedule: ScheduleConfig,
+             whole_model_kl: WholeModelKL) -> list[int | None]:
+    """`math.refine.refine_ranks` from `ranks` with the whole model's probe KL as the measurement;
+    the end point is measured once more under the label REFINED, so a run records it."""
+    def measure(allocations: list[list[int | None]]) -> list[float]:
+        kl = whole_model_kl({f"neighbour {i}": {s.name: r for s, r in zip(specs, a)} for i, a in enumerate(allocations)})
+        return [kl[f"neighbour {i}"] for i in range(len(allocations))]
+
+    with tqdm(total=schedule.refine_steps, desc="refine (whole-model kl)", leave=False, dynamic_ncols=True) as bar:
+        def step(kl: float) -> None:
+            bar.update()
+            bar.set_postfix(kl=f"{kl:.4g}")
+
+        ranks, _ = refine_ranks(ranks, specs, to_remove, measure, schedule.min_rank, schedule.refine_steps, step)
+    whole_model_kl({REFINED: {s.name: r for s, r in zip(specs, ranks)}})
+    return ranks

@@ -10,7 +10,7 @@ reconstruction, every other layer dense) and measures the model on the probe:
   separates layers where top-1 is saturated).
 
 `allocation_kl` measures the same KL with every layer truncated at once, to check a whole
-allocation (``schedule.check_uniform``).
+allocation (``schedule.check_uniform``) or search around it (``schedule.refine_steps``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from amrc_exp.compress.evaluate import kl_rows
 from amrc_exp.math.decompose import Spectrum
 
-__all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "allocation_kl", "METRICS"]
+__all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "allocation_kl",
+           "whole_model_scorer", "METRICS"]
 
 
 @dataclass
@@ -161,7 +162,45 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], spectra: d
     return out
 
 
-@torch.no_grad()
+def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[str, Spectrum],
+                       probe: Probe, device: torch.device | str | None = None
+                       ) -> Callable[[dict[str, dict[str, Optional[int]]]], dict[str, float]]:
+    """`allocation_kl` bound to a model whose dense output is measured once, here: each call
+    costs one probe pass per allocation, and rank-r weights are reconstructed once per layer."""
+    device = torch.device(device or next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            measure = _scorer(model, probe, "kl", device)
+    finally:
+        model.train(was_training)
+    weights: dict[tuple[str, int], Tensor] = {}  # allocations that differ in a few layers share the rest
+
+    def weight(name: str, r: int) -> Tensor:
+        if (name, r) not in weights:
+            weights[name, r] = _reconstruction(spectra[name], r, layers[name])
+        return weights[name, r]
+
+    @torch.no_grad()
+    def score(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for label, ranks in allocations.items():
+                with ExitStack() as stack:
+                    for name, r in ranks.items():
+                        if r is not None:
+                            stack.enter_context(replaced_weight(layers[name], weight(name, r)))
+                    out[label] = measure()
+        finally:
+            model.train(was_training)
+        return out
+
+    return score
+
+
 def allocation_kl(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[str, Spectrum],
                   allocations: dict[str, dict[str, Optional[int]]], probe: Probe,
                   device: torch.device | str | None = None) -> dict[str, float]:
@@ -169,21 +208,7 @@ def allocation_kl(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[
     (None: dense), one probe pass each: the whole-model measurement that checks an allocation
     chosen from one-layer-at-a-time sensitivities, whose sum stops predicting the output once
     nearly every layer is cut."""
-    device = torch.device(device or next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        measure = _scorer(model, probe, "kl", device)
-        out = {}
-        for label, ranks in allocations.items():
-            with ExitStack() as stack:
-                for name, r in ranks.items():
-                    if r is not None:
-                        stack.enter_context(replaced_weight(layers[name], _reconstruction(spectra[name], r, layers[name])))
-                out[label] = measure()
-    finally:
-        model.train(was_training)
-    return out
+    return whole_model_scorer(model, layers, spectra, probe, device)(allocations)
 
 
 def _reconstruction(spectrum: Spectrum, rank: int, layer: nn.Linear) -> Tensor:

@@ -23,9 +23,10 @@ from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_c
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
 from amrc_exp.compress.config import ASVD_SEARCH, DOBI, OUTPUT_AWARE, AMRCConfig
 from amrc_exp.compress.dobi import learn_positions
-from amrc_exp.compress.probe import Probe, allocation_kl, fisher_rows, layer_sensitivity
+from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity, whole_model_scorer
 from amrc_exp.compress.lowrank import LayerPlan, count_params
-from amrc_exp.compress.plan import allocate_ranks, check_budget, decompose_layers, layer_specs, layer_weights
+from amrc_exp.compress.plan import (RECORDED_ALLOCATIONS, allocate_ranks, check_budget, decompose_layers, layer_specs,
+                                    layer_weights)
 from amrc_exp.math.decompose import METHODS
 
 __all__ = ["CompressionReport", "compress_model", "search", "needs_probe", "needs_gram", "PROBE_SAMPLES"]
@@ -52,7 +53,7 @@ class CompressionReport:
     params_target: int
     n_minibatches: int = 1  # GD mini-batches the Z fit used (1: the full-batch gradient)
     energy_curves: dict[str, list[float]] = field(default_factory=dict)  # Fig 1: loss vs rank
-    allocation_kl: dict[str, float] = field(default_factory=dict)  # schedule.check_uniform: probe KL per allocation
+    allocation_kl: dict[str, float] = field(default_factory=dict)  # check_uniform / refine_steps: probe KL per allocation
 
     @property
     def ranks(self) -> dict[str, Optional[int]]:
@@ -96,11 +97,15 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
-    checked: dict[str, float] = {}  # what schedule.check_uniform measured, kept for the report
+    checked: dict[str, float] = {}  # what schedule.check_uniform / refine_steps measured, kept for the report
+    scorer: list[Callable] = []  # made on the first call: the dense output is measured once per search
 
     def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
-        kl = allocation_kl(model, layers, spectra, allocations, _probe_of(stats, "schedule.check_uniform"))
-        checked.update(kl)
+        if not scorer:
+            scorer.append(whole_model_scorer(model, layers, spectra,
+                                             _probe_of(stats, "schedule.check_uniform / schedule.refine_steps")))
+        kl = scorer[0](allocations)
+        checked.update((k, v) for k, v in kl.items() if k in RECORDED_ALLOCATIONS)
         return kl
 
     specs = layer_specs(layers, config.z_type)
