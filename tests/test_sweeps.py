@@ -38,7 +38,8 @@ METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "ours_oa": ("asvd_whiten", "output_aware", "none", "gd"),
     "ours_kd": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_oa, fine-tuned by distillation
     "ours_fm": ("asvd_whiten", "output_aware", "none", "gd"),  # ours_kd + feature matching
-    "ours_wf": ("whiten_fisher", "output_aware", "none", "gd"),  # two-sided, allocation checked
+    "ours_wf": ("whiten_fisher", "output_aware", "none", "gd"),  # two-sided, allocation checked and refined
+    "ours_wf_kd": ("whiten_fisher", "output_aware", "none", "gd"),  # the same, fine-tuned by distillation
 }
 # Tiny embedded jobs for the subprocess sweeps: random weights (no trained model needed), a few
 # samples everywhere. Every such run must come out marked synthetic.
@@ -75,7 +76,7 @@ def test_every_table_and_scale_has_a_sweep_config():
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
     assert PEER_CONFIGS == ["peers_embedded", "peers_paper", "peers_seed1_embedded"]
     assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_fm_embedded",
-                                "frontier_full_ft_embedded", "frontier_wf_embedded"]
+                                "frontier_full_ft_embedded", "frontier_wf_embedded", "frontier_wf_kd_embedded"]
 
 
 def test_fine_tune_loss_methods():
@@ -85,6 +86,10 @@ def test_fine_tune_loss_methods():
         cfg = compose_sweep("frontier_fm_embedded", [f"method={method}"])
         assert (cfg.finetune.loss, cfg.finetune.feature_weight, cfg.finetune.lr, cfg.finetune.params) == \
             (loss, beta, 1e-3, "partial")
+    # ours_wf_kd: ours_wf's compression (checked and refined), distilled; the partial set on all train images
+    cfg = compose_sweep("frontier_wf_kd_embedded", ["method=ours_wf_kd"])
+    assert (cfg.finetune.loss, cfg.finetune.params, cfg.data.finetune_subset) == ("kd", "partial", None)
+    assert (cfg.schedule.check_uniform, cfg.schedule.refine_steps, cfg.decomp.name) == (True, 50, "whiten_fisher")
 
 
 def test_every_method_config_is_checked():
@@ -109,7 +114,8 @@ def test_sweep_config_jobs_compose(name):
     expected = {"table1_embedded": 30, "table1_paper": 10, "table2_embedded": 36, "table2_paper": 36,
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 162, "peers_paper": 54, "peers_seed1_embedded": 81, "frontier_full_ft_embedded": 3,
-                "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27, "frontier_wf_embedded": 18}[name]
+                "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27, "frontier_wf_embedded": 18,
+                "frontier_wf_kd_embedded": 9}[name]
     assert len(jobs) == expected
     dirs = set()
     for job in jobs:

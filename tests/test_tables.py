@@ -303,7 +303,7 @@ def test_peers_tables_are_mean_and_std_over_seeds(tmp_path):
     assert r5["ASVD + search [Yuan+23]"] == "82.00 ± 2.00"  # std of 80, 82, 84 (n - 1): 2
     assert r5["ours (output-aware)"] == "**86.00 ± 1.00**"
     # the gap is the headline ours (ours_wf: 83) against the best PEER (asvd: 82), not against ours_oa
-    assert r5["ours (two-sided, checked)"] == "83.00 ± 2.00" and r5["ours − best peer"] == "+1.00"
+    assert r5["ours (two-sided, checked, refined)"] == "83.00 ± 2.00" and r5["ours − best peer"] == "+1.00"
     assert row(t6, ratio="-80%")["ours (output-aware)"] == "**87.00 ± 1.00**"
     d = row(t7, method="ASVD")
     assert d["KL no FT"] == "0.3000 ± 0.1000" and d["agree no FT"] == "91.00 ± 1.00"

@@ -18,14 +18,17 @@ import pandas as pd
 
 from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
 
-# method -> row label (the fine-tune's loss; ours_wf: the two-sided, checked variant, fine-tuned on labels)
-OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT", "ours_wf": "ours two-sided"}
-STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-."), "ours_wf": ("D", "--")}  # Fig 5: marker, line per method
+# method -> row label (the fine-tune's loss; ours_wf: the two-sided, checked and refined variant, fine-tuned on labels)
+OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT", "ours_wf": "ours two-sided",
+        "ours_wf_kd": "ours two-sided KD-FT"}
+STYLE = {"ours_oa": ("o", "-"), "ours_kd": ("^", ":"), "ours_fm": ("s", "-."), "ours_wf": ("D", "--"),
+         "ours_wf_kd": ("v", ":")}  # Fig 5: marker, line per method
 # the rows' notes beyond ours / ours KD-FT, for the variants a sweep ran
 VARIANT_NOTES = {
     "ours_fm": "distillation plus feature matching on the compressed layers' outputs (finetune.feature_weight = β = 1)",
-    "ours_wf": "its own compressed model (`ours_wf`: decomp=whiten_fisher, schedule.check_uniform=true), fine-tuned "
-               "on the labels",
+    "ours_wf": "its own compressed model (`ours_wf`: decomp=whiten_fisher, schedule.check_uniform=true, "
+               "schedule.refine_steps=50), fine-tuned on the labels",
+    "ours_wf_kd": "the same compressed model as ours two-sided (`ours_wf_kd`), fine-tuned by distillation (T = 2)",
 }
 STAGES = ("compressed", "finetuned")  # before / after fine-tuning
 

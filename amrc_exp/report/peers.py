@@ -30,7 +30,7 @@ PEER_LABELS = {
     "fwsvd": "FWSVD [Hsu+22]",
     "paper": "paper (as published)",
     "ours_oa": "ours (output-aware)",
-    "ours_wf": "ours (two-sided, checked)",
+    "ours_wf": "ours (two-sided, checked, refined)",
 }
 OURS = ("ours_wf", "ours_oa")  # our methods, the headline first: the gap column compares it with the peers
 CITATIONS = ("SVD-LLM: Wang et al. 2024, arXiv:2403.07378; SVD-LLM V2: Wang et al. 2025, arXiv:2503.12340; Dobi-SVD: Qinsi Wang et al. 2025, arXiv:2502.02723; ASVD: Yuan et al. 2023, arXiv:2312.05821; "
