@@ -93,7 +93,11 @@ def test_fine_tune_loss_methods():
 
 
 def test_every_method_config_is_checked():
-    assert set(METHOD) | {"dense"} == {p.stem for p in (SWEEPS / "method").glob("*.yaml")}
+    from amrc_exp.experiment.config import METHODS
+
+    files = {p.stem for p in (SWEEPS / "method").glob("*.yaml")}
+    assert set(METHOD) | {"dense"} == files
+    assert set(METHODS) == files  # the `method` key accepts exactly the method configs (a job fails fast otherwise)
 
 
 @pytest.mark.parametrize("name", TABLE_CONFIGS + FIG_CONFIGS + PEER_CONFIGS + FRONTIER_CONFIGS)

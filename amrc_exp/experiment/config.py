@@ -41,7 +41,8 @@ from amrc_exp.models.config import ModelConfig
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "dobi", "asvd", "fwsvd", "ours_oa", "ours_kd", "ours_fm", "ours_wf")  # sweeps/method/*.yaml
+METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "dobi", "asvd", "fwsvd", "ours_oa", "ours_kd", "ours_fm", "ours_wf",
+           "ours_wf_kd")  # sweeps/method/*.yaml
 LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
     ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
     ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))
