@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from amrc_exp.compress.evaluate import kl_rows
 from amrc_exp.math.decompose import Spectrum
 
-__all__ = ["Probe", "take_probe", "fisher_rows", "replaced_weight", "layer_sensitivity", "allocation_kl",
+__all__ = ["Probe", "take_probe", "fisher_rows", "eval_mode", "replaced_weight", "layer_sensitivity", "allocation_kl",
            "whole_model_scorer", "METRICS"]
 
 
@@ -81,18 +81,24 @@ def fisher_rows(model: nn.Module, probe: Probe, layers: dict[str, nn.Linear],
     device = torch.device(device or next(model.parameters()).device)
     weights = [layer.weight for layer in layers.values()]
     sums = [torch.zeros(w.shape[0], dtype=torch.float64, device=device) for w in weights]
+    with eval_mode(model), torch.enable_grad():
+        for i in tqdm(range(len(probe)), desc="fisher", leave=False, dynamic_ncols=True):
+            x = probe.images[i: i + 1].to(device)
+            loss = F.cross_entropy(model(x), labels[i: i + 1].to(device))
+            for acc, g in zip(sums, torch.autograd.grad(loss, weights)):
+                acc += g.double().square().sum(dim=1)
+    return {name: acc / len(probe) for name, acc in zip(layers, sums)}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block (dropout off), then in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            for i in tqdm(range(len(probe)), desc="fisher", leave=False, dynamic_ncols=True):
-                x = probe.images[i: i + 1].to(device)
-                loss = F.cross_entropy(model(x), labels[i: i + 1].to(device))
-                for acc, g in zip(sums, torch.autograd.grad(loss, weights)):
-                    acc += g.double().square().sum(dim=1)
+        yield
     finally:
         model.train(was_training)
-    return {name: acc / len(probe) for name, acc in zip(layers, sums)}
 
 
 @contextmanager
@@ -143,22 +149,17 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], spectra: d
     device = torch.device(device or next(model.parameters()).device)
     if metric == "loss":
         probe.require_labels("schedule=asvd_search (calibration loss)")
-    was_training = model.training
-    model.eval()
     out: dict[str, dict[int, float]] = {}
-    try:
+    with eval_mode(model), tqdm(total=sum(len(r) for r in ranks.values()), desc=f"sensitivity ({metric})",
+                                leave=False, dynamic_ncols=True) as bar:
         measure = _scorer(model, probe, metric, device)
-        with tqdm(total=sum(len(r) for r in ranks.values()), desc=f"sensitivity ({metric})", leave=False,
-                  dynamic_ncols=True) as bar:
-            for name, rs in ranks.items():
-                layer = layers[name]
-                out[name] = {}
-                for r in rs:
-                    with replaced_weight(layer, _reconstruction(spectra[name], r, layer)):
-                        out[name][r] = measure()
-                    bar.update()
-    finally:
-        model.train(was_training)
+        for name, rs in ranks.items():
+            layer = layers[name]
+            out[name] = {}
+            for r in rs:
+                with replaced_weight(layer, _reconstruction(spectra[name], r, layer)):
+                    out[name][r] = measure()
+                bar.update()
     return out
 
 
@@ -168,13 +169,8 @@ def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: 
     """`allocation_kl` bound to a model whose dense output is measured once, here: each call
     costs one probe pass per allocation, and rank-r weights are reconstructed once per layer."""
     device = torch.device(device or next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            measure = _scorer(model, probe, "kl", device)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        measure = _scorer(model, probe, "kl", device)
     weights: dict[tuple[str, int], Tensor] = {}  # allocations that differ in a few layers share the rest
 
     def weight(name: str, r: int) -> Tensor:
@@ -184,18 +180,14 @@ def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: 
 
     @torch.no_grad()
     def score(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            out = {}
+        out = {}
+        with eval_mode(model):
             for label, ranks in allocations.items():
                 with ExitStack() as stack:
                     for name, r in ranks.items():
                         if r is not None:
                             stack.enter_context(replaced_weight(layers[name], weight(name, r)))
                     out[label] = measure()
-        finally:
-            model.train(was_training)
         return out
 
     return score

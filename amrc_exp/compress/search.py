@@ -98,13 +98,14 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
     checked: dict[str, float] = {}  # what schedule.check_uniform / refine_steps measured, kept for the report
-    scorer: list[Callable] = []  # made on the first call: the dense output is measured once per search
+    scorer = None  # made on the first call: the dense output is measured once per search
 
     def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
-        if not scorer:
-            scorer.append(whole_model_scorer(model, layers, spectra,
-                                             _probe_of(stats, "schedule.check_uniform / schedule.refine_steps")))
-        kl = scorer[0](allocations)
+        nonlocal scorer
+        if scorer is None:
+            scorer = whole_model_scorer(model, layers, spectra,
+                                        _probe_of(stats, "schedule.check_uniform / schedule.refine_steps"))
+        kl = scorer(allocations)
         checked.update((k, v) for k, v in kl.items() if k in RECORDED_ALLOCATIONS)
         return kl
 
