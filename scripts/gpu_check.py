@@ -64,6 +64,12 @@ def summary(out: str) -> int:
     if bench is not None:
         b = json.loads(bench.read_text())
         figures["bench"] = {"summary": b.get("summary"), "targets": b.get("targets"), "machine": b.get("machine")}
+    methods = next(root.glob("methods/methods.json"), None)
+    if methods is not None:  # the cost of each method side by side (amrc-bench --method)
+        m = json.loads(methods.read_text())
+        figures["methods"] = {"end_to_end_s": {k: r["end_to_end_s"] for k, r in m["runs"].items()},
+                              "image_passes": {k: r["image_passes"] for k, r in m["runs"].items()},
+                              "vs_paper": m.get("vs_paper")}
     failed = [s["step"] for s in steps if s["status"] in ("FAIL", "TIMEOUT")]
     verdict = {"pass": not failed, "failed": failed, "steps": steps, "figures": figures}
     (root / "summary.json").write_text(json.dumps(verdict, indent=1))

@@ -122,3 +122,44 @@ def test_smoke_onnxruntime_side_by_side(smoke):
     assert o["dense_weight_bytes"] <= 4 * gd["params_before"]
     assert o["dense_rss_mib"] > 0 and o["compressed_rss_mib"] > 0
     assert "## onnxruntime" in (out / "bench.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def methods(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("bench") / "methods"
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bench.main(["--preset", "smoke", "--out", str(out), "--method", "paper,svd,ours_oa,ours_wf",
+                         "--extrapolate-to", "96", "calib.probe_samples=8"])
+    return rc, out
+
+
+def test_methods_side_by_side_count_passes(methods):
+    """Per method: stages with seconds, memory and forward passes. `svd` reads the model only in
+    calibration: exactly one pass of the 32 + 16 calibration images (the count is independent of
+    the code counting it); ours_oa measures its sensitivities on the 8 probe images, block onward."""
+    rc, out = methods
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["methods.json", "methods.md"]
+    res = json.loads((out / "methods.json").read_text())
+    runs = res["runs"]
+    assert set(runs) == {"paper", "svd", "ours_oa", "ours_wf"}
+    assert runs["svd"]["image_passes"] == pytest.approx(48) and runs["svd"]["stages"]["calibrate"]["image_passes"] == 48
+    oa = runs["ours_oa"]["stages"]["allocate"]["image_passes"]
+    layers, candidates = 8, 6  # 2 blocks x 4 linears; at most `candidates` ranks each
+    assert 8 < oa < 8 * (1 + layers * candidates)  # the dense pass + partial passes, fewer than whole ones
+    assert "fisher" in runs["ours_wf"]["stages"] and runs["ours_wf"]["allocation_kl"]["refined"] >= 0
+    for r in runs.values():
+        assert r["end_to_end_s"] == pytest.approx(bench_report.end_to_end(r["stages"]))
+    # Extrapolated: calibration is linear in images, the rest unchanged.
+    paper = runs["paper"]
+    assert res["extrapolated_end_to_end_s"]["paper"] == pytest.approx(
+        paper["end_to_end_s"] + 48 * paper["calib_s_per_image"], abs=0.06)
+    assert res["vs_paper"]["paper"] == 1.0
+
+
+def test_an_unknown_method_names_the_allowed_ones(tmp_path, capsys):
+    assert bench.main(["--preset", "smoke", "--out", str(tmp_path), "--method", "ours_xx"]) == 2
+    err = capsys.readouterr().err
+    assert "--method" in err and "ours_xx" in err and "ours_wf" in err and "paper" in err

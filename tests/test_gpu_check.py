@@ -24,9 +24,10 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert proc.returncode == 0 and summary["pass"], proc.stdout + proc.stderr
     assert [s["step"] for s in summary["steps"]] == ["env", "cuda_tests", "agree_cpu", "agree_gpu",
-                                                      "agree_compare", "bench", "full_run"]
+                                                      "agree_compare", "bench", "methods", "full_run"]
     assert summary["figures"]["cpu_vs_gpu"]["ranks_identical"] is True
     assert summary["figures"]["bench"]["summary"]  # the benchmark's figures are carried over
+    assert set(summary["figures"]["methods"]["vs_paper"]) == {"paper", "ours_oa", "ours_wf"}
     # an exhausted budget skips the later steps (never half-runs them) and still writes the summary
     proc = _run_script(tmp_path / "short", BUDGET_S="12")
     steps = json.loads((tmp_path / "short" / "summary.json").read_text())["steps"]

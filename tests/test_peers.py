@@ -281,7 +281,7 @@ def test_checked_allocation_keeps_the_one_with_the_lower_whole_model_kl(uniform_
 
     seen = {}
 
-    def whole_model_kl(options):
+    def whole_model_kl(options, base=None):
         seen.update(options)
         return {"output_aware": 2.0, "param_uniform": 1.0 if uniform_better else 3.0}
 
@@ -317,7 +317,7 @@ def test_refined_allocation_is_the_brute_force_optimum_of_a_separable_whole_mode
 
     seen = {}
 
-    def whole_model_kl(options):
+    def whole_model_kl(options, base=None):
         seen.update(options)
         return {label: truth(ranks) for label, ranks in options.items()}
 

@@ -25,7 +25,7 @@ TABLE_CONFIGS = sorted(p.stem for p in SWEEPS.glob("table*.yaml"))
 FIG_CONFIGS = sorted(p.stem for p in SWEEPS.glob("fig*.yaml"))
 PEER_CONFIGS = sorted(p.stem for p in SWEEPS.glob("peers*.yaml"))
 FRONTIER_CONFIGS = sorted(p.stem for p in SWEEPS.glob("frontier*.yaml"))
-METHOD = {  # sweeps/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
+METHOD = {  # conf/method/*.yaml -> (decomp, schedule, z_type, zfit.solver)
     "paper": ("asvd_mean", "exp", "lowrank", "gd"),
     "ours": ("asvd_whiten", "exp", "lowrank", "closed_form"),
     "svd_ft": ("svd", "uniform", "none", "gd"),
@@ -95,7 +95,7 @@ def test_fine_tune_loss_methods():
 def test_every_method_config_is_checked():
     from amrc_exp.experiment.config import METHODS
 
-    files = {p.stem for p in (SWEEPS / "method").glob("*.yaml")}
+    files = {p.stem for p in (SWEEPS.parent / "conf" / "method").glob("*.yaml")}
     assert set(METHOD) | {"dense"} == files
     assert set(METHODS) == files  # the `method` key accepts exactly the method configs (a job fails fast otherwise)
 

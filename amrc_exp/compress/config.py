@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "
 DEFAULT_PATTERNS: tuple[str, ...] = (
     r"(^|\.)blocks\.\d+\.attn\.(qkv|proj)$",
     r"(^|\.)blocks\.\d+\.mlp\.(fc1|fc2)$",
+    r"(^|\.)downsample\.reduction$",  # Swin's patch merging (4C -> 2C between stages)
 )
 UNIFORM = "uniform"  # the non-mixed baseline: one rank fraction for every layer (not a schedule)
 PARAM_UNIFORM = "param_uniform"  # SVD-LLM's / FWSVD's: one kept-parameter fraction for every layer
@@ -160,6 +161,13 @@ class ScheduleConfig:
     # output_aware: then at most this many one-rank moves between layers, each lowering the whole
     # model's probe KL (`amrc_exp.math.refine`; 0: none)
     refine_steps: int = 0
+    # output_aware: stop the refinement after a move that lowered the KL by less than this
+    # fraction of it (0: only refine_steps stops it)
+    refine_tol: float = 0.0
+    # asvd_search / output_aware (and its check and refinement): the first this many of the probe
+    # images are what the sensitivities and whole-model KLs are measured on (None: all of them).
+    # The measurements' cost is proportional to it (BENCHMARKS.md, "cost model").
+    score_samples: Optional[int] = None
     epochs: int = 20  # dobi: passes over the labelled probe images
     lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
     beta: float = 10.0  # dobi: sharpness of the tanh truncation mask, per rank position
@@ -177,6 +185,10 @@ class ScheduleConfig:
         non_negative_int("schedule.refine_steps", self.refine_steps)
         check("schedule.refine_steps", self.refine_steps, lambda v: not v or self.name in (OUTPUT_AWARE, UNSET),
               f"0 with schedule.name={self.name} (it refines output_aware's allocation only)")
+        check("schedule.refine_tol", self.refine_tol,
+              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0, "a number in [0, 1)")
+        if self.score_samples is not None:
+            positive_int("schedule.score_samples", self.score_samples)
         positive_int("schedule.epochs", self.epochs)
         positive_float("schedule.lr", self.lr)
         positive_float("schedule.beta", self.beta)

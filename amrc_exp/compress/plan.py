@@ -119,8 +119,9 @@ ASVD_RATIOS = tuple(i / 10 for i in range(10))
 
 # metric, {layer: ranks to measure} -> {layer: {rank: value}} (`probe.layer_sensitivity` bound to a model)
 Sensitivity = Callable[[str, dict[str, list[int]]], dict[str, dict[int, float]]]
-# {label: {layer: rank}} -> {label: whole-model probe KL} (`probe.allocation_kl` bound to a model)
-WholeModelKL = Callable[[dict[str, dict[str, Optional[int]]]], dict[str, float]]
+# ({label: {layer: rank}}, base allocation or None) -> {label: whole-model probe KL}
+# (`probe.whole_model_scorer`; `base`: the allocation the others are near, see there)
+WholeModelKL = Callable[..., dict[str, float]]
 REFINED = "refined"  # schedule.refine_steps: the label of the allocation the local search ends on
 # The whole-model KLs a run records (results.json `allocation_kl`); the search's neighbours are not.
 RECORDED_ALLOCATIONS = (OUTPUT_AWARE, PARAM_UNIFORM, REFINED)
@@ -191,16 +192,23 @@ def _checked(specs: list[LayerSpec], ranks: list[int | None], uniform: list[int 
 def _refined(specs: list[LayerSpec], ranks: list[int | None], to_remove: int, schedule: ScheduleConfig,
              whole_model_kl: WholeModelKL) -> list[int | None]:
     """`math.refine.refine_ranks` from `ranks` with the whole model's probe KL as the measurement;
-    the end point is measured once more under the label REFINED, so a run records it."""
+    the end point is measured once more under the label REFINED, so a run records it. The
+    search's allocations are measured as neighbours of its current one (`base`), so each reruns
+    the model from its first changed block only."""
+    base = {s.name: r for s, r in zip(specs, ranks)}
+
     def measure(allocations: list[list[int | None]]) -> list[float]:
-        kl = whole_model_kl({f"neighbour {i}": {s.name: r for s, r in zip(specs, a)} for i, a in enumerate(allocations)})
+        kl = whole_model_kl({f"neighbour {i}": {s.name: r for s, r in zip(specs, a)} for i, a in enumerate(allocations)},
+                            base=base)
         return [kl[f"neighbour {i}"] for i in range(len(allocations))]
 
     with tqdm(total=schedule.refine_steps, desc="refine (whole-model kl)", leave=False, dynamic_ncols=True) as bar:
-        def step(kl: float) -> None:
+        def step(now: list[int | None], kl: float) -> None:
+            base.update((s.name, r) for s, r in zip(specs, now))
             bar.update()
             bar.set_postfix(kl=f"{kl:.4g}")
 
-        ranks, _ = refine_ranks(ranks, specs, to_remove, measure, schedule.min_rank, schedule.refine_steps, step)
-    whole_model_kl({REFINED: {s.name: r for s, r in zip(specs, ranks)}})
+        ranks, _ = refine_ranks(ranks, specs, to_remove, measure, schedule.min_rank, schedule.refine_steps,
+                                schedule.refine_tol, step)
+    whole_model_kl({REFINED: {s.name: r for s, r in zip(specs, ranks)}}, base=base)
     return ranks

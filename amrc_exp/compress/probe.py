@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from amrc_exp.compress.evaluate import kl_rows
+from amrc_exp.compress.staged import CachedInputs, chain_of
 from amrc_exp.math.decompose import Spectrum
 
 __all__ = ["Probe", "take_probe", "fisher_rows", "eval_mode", "replaced_weight", "layer_sensitivity", "allocation_kl",
@@ -46,6 +47,12 @@ class Probe:
         for i in range(0, len(self), self.batch_size):
             labels = None if self.labels is None else self.labels[i: i + self.batch_size]
             yield self.images[i: i + self.batch_size], labels
+
+    def subset(self, n: Optional[int]) -> "Probe":
+        """The first `n` images (all of them for None or n >= len)."""
+        if n is None or n >= len(self):
+            return self
+        return Probe(self.images[:n], None if self.labels is None else self.labels[:n], self.batch_size)
 
     def require_labels(self, what: str) -> Tensor:
         if self.labels is None:
@@ -125,17 +132,31 @@ def _loss(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tenso
 METRICS: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {"kl": _kl, "loss": _loss}
 
 
-def _scorer(model: nn.Module, probe: Probe, metric: str, device: torch.device) -> Callable[[], float]:
-    """`metric` of the model as it is at each call, on the probe, against the dense model's
-    output now (computed once, here); the model must be in eval mode."""
-    score = METRICS[metric]
-    batches = [(x.to(device), None if y is None else y.to(device)) for x, y in probe.batches()]
-    dense = [F.log_softmax(model(x).double(), dim=-1) for x, _ in batches]
+# The unit inputs a scorer keeps for its probe (`staged.CachedInputs`; fewer units past this).
+CACHE_BYTES = 2 * 2**30
 
-    def measure() -> float:
-        return sum(float(score(model(x), d, y)) for (x, y), d in zip(batches, dense)) / len(probe)
 
-    return measure
+class _Scorer:
+    """`metric` on the probe against the dense output (measured once, at construction), with the
+    model's unit inputs cached (`compress.staged`): `measure(start)` reruns the model from unit
+    `start`, right whenever the layers before it are as they were at the last `rebase`."""
+
+    def __init__(self, model: nn.Module, probe: Probe, metric: str, device: torch.device) -> None:
+        self.score = METRICS[metric]
+        self.labels = [None if y is None else y.to(device) for _, y in probe.batches()]
+        images = [x.to(device) for x, _ in probe.batches()]
+        self.chain = chain_of(model, check=images[0])
+        self.cache = CachedInputs(self.chain, images, CACHE_BYTES)
+        self.dense = [F.log_softmax(z.double(), dim=-1) for z in self.cache.refresh()]
+        self.n = len(probe)
+
+    def rebase(self) -> None:
+        """Cache the unit inputs of the model as it is now."""
+        self.cache.refresh()
+
+    def measure(self, start: int = 0) -> float:
+        return sum(float(self.score(self.cache.run(i, start), d, y))
+                   for i, (d, y) in enumerate(zip(self.dense, self.labels))) / self.n
 
 
 @torch.no_grad()
@@ -145,49 +166,73 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], spectra: d
     """{layer: {rank: metric on the probe with only that layer at that rank}} (see module doc).
 
     The rank-r weight is the spectrum's reconstruction (U Vᵀ); biases stay. Costs
-    sum_l len(ranks[l]) forwards of the probe."""
+    sum_l len(ranks[l]) probe passes, each from the layer's block onward (`compress.staged`)."""
     device = torch.device(device or next(model.parameters()).device)
     if metric == "loss":
         probe.require_labels("schedule=asvd_search (calibration loss)")
     out: dict[str, dict[int, float]] = {}
     with eval_mode(model), tqdm(total=sum(len(r) for r in ranks.values()), desc=f"sensitivity ({metric})",
                                 leave=False, dynamic_ncols=True) as bar:
-        measure = _scorer(model, probe, metric, device)
+        scorer = _Scorer(model, probe, metric, device)
         for name, rs in ranks.items():
-            layer = layers[name]
+            layer, start = layers[name], scorer.chain.unit_of(layers[name])
             out[name] = {}
             for r in rs:
                 with replaced_weight(layer, _reconstruction(spectra[name], r, layer)):
-                    out[name][r] = measure()
+                    out[name][r] = scorer.measure(start)
                 bar.update()
     return out
 
 
+Allocation = dict[str, Optional[int]]
+
+
 def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: dict[str, Spectrum],
                        probe: Probe, device: torch.device | str | None = None
-                       ) -> Callable[[dict[str, dict[str, Optional[int]]]], dict[str, float]]:
-    """`allocation_kl` bound to a model whose dense output is measured once, here: each call
-    costs one probe pass per allocation, and rank-r weights are reconstructed once per layer."""
+                       ) -> Callable[..., dict[str, float]]:
+    """`allocation_kl` bound to a model whose dense output is measured once, here, and whose
+    rank-r weights are reconstructed once per layer: ``score(allocations, base=None)``.
+
+    With `base` (an allocation), the unit inputs under `base` are cached first (one probe pass,
+    only when `base` changed), and each allocation reruns the model from the first unit where it
+    differs from `base`: a neighbour of `base` costs the blocks from its changed layer on. The
+    numbers are those of whole-model passes either way."""
     device = torch.device(device or next(model.parameters()).device)
     with eval_mode(model), torch.no_grad():
-        measure = _scorer(model, probe, "kl", device)
+        scorer = _Scorer(model, probe, "kl", device)
+    unit = {name: scorer.chain.unit_of(layer) for name, layer in layers.items()}
     weights: dict[tuple[str, int], Tensor] = {}  # allocations that differ in a few layers share the rest
+    cached: Allocation = {}  # the allocation the cache holds ({}: dense)
 
     def weight(name: str, r: int) -> Tensor:
         if (name, r) not in weights:
             weights[name, r] = _reconstruction(spectra[name], r, layers[name])
         return weights[name, r]
 
+    @contextmanager
+    def applied(ranks: Allocation) -> Iterator[None]:
+        with ExitStack() as stack:
+            for name, r in ranks.items():
+                if r is not None:
+                    stack.enter_context(replaced_weight(layers[name], weight(name, r)))
+            yield
+
+    def first_change(ranks: Allocation) -> int:
+        changed = [unit[n] for n in set(ranks) | set(cached) if ranks.get(n) != cached.get(n)]
+        return min(changed, default=len(scorer.chain.units) - 1)
+
     @torch.no_grad()
-    def score(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
+    def score(allocations: dict[str, Allocation], base: Optional[Allocation] = None) -> dict[str, float]:
+        nonlocal cached
         out = {}
         with eval_mode(model):
+            if base is not None and {n: r for n, r in base.items() if r is not None} != cached:
+                with applied(base):
+                    scorer.rebase()
+                cached = {n: r for n, r in base.items() if r is not None}
             for label, ranks in allocations.items():
-                with ExitStack() as stack:
-                    for name, r in ranks.items():
-                        if r is not None:
-                            stack.enter_context(replaced_weight(layers[name], weight(name, r)))
-                    out[label] = measure()
+                with applied(ranks):
+                    out[label] = scorer.measure(first_change({n: r for n, r in ranks.items() if r is not None}))
         return out
 
     return score

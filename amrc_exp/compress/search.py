@@ -94,18 +94,20 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         spectra = decompose_layers(weights, calib, config.decomp)
 
     def sensitivity(metric: str, ranks: dict[str, list[int]]) -> dict[str, dict[int, float]]:
-        probe = _probe_of(stats, f"schedule.name={config.schedule.name}")
+        probe = _probe_of(stats, f"schedule.name={config.schedule.name}").subset(config.schedule.score_samples)
         return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
 
     checked: dict[str, float] = {}  # what schedule.check_uniform / refine_steps measured, kept for the report
     scorer = None  # made on the first call: the dense output is measured once per search
 
-    def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
+    def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]],
+                       base: Optional[dict[str, Optional[int]]] = None) -> dict[str, float]:
         nonlocal scorer
         if scorer is None:
             scorer = whole_model_scorer(model, layers, spectra,
-                                        _probe_of(stats, "schedule.check_uniform / schedule.refine_steps"))
-        kl = scorer(allocations)
+                                        _probe_of(stats, "schedule.check_uniform / schedule.refine_steps").subset(
+                                            config.schedule.score_samples))
+        kl = scorer(allocations, base)
         checked.update((k, v) for k, v in kl.items() if k in RECORDED_ALLOCATIONS)
         return kl
 

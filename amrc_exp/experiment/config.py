@@ -42,7 +42,7 @@ LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("paper", "ours", "svd_ft", "dense", "svd", "svdllm", "svdllm_v2", "dobi", "asvd", "fwsvd", "ours_oa", "ours_kd", "ours_fm", "ours_wf",
-           "ours_wf_kd")  # sweeps/method/*.yaml
+           "ours_wf_kd")  # conf/method/*.yaml
 LoggerName, LoggerMode, Device, LossName, ScopeName = (choices(n, v) for n, v in (
     ("LoggerName", LOGGERS), ("LoggerMode", LOGGER_MODES), ("Device", DEVICES),
     ("LossName", tuple(LOSSES)), ("ScopeName", SCOPES)))
@@ -159,7 +159,7 @@ class RunConfig:
     amp: bool = True  # bf16 autocast on CUDA, for the stages precision.* enables; false: fp32 everywhere
     cache_dir: str = "~/.cache/amrc_exp"
     out_dir: str = "."  # set to Hydra's run dir by conf/config.yaml
-    method: Optional[str] = None  # the sweep's label (paper | ours | svd_ft | dense); set by sweeps/method/
+    method: Optional[str] = None  # the sweep's label (paper | ours | svd_ft | dense); set by conf/method/
 
     def __post_init__(self) -> None:
         self.device = as_choice(Device, "device", self.device)

@@ -22,20 +22,25 @@ Measure = Callable[[Sequence[Ranks]], list[float]]
 
 
 def refine_ranks(ranks: Ranks, specs: Sequence[LayerSpec], params_to_remove: int, measure: Measure,
-                 min_rank: int = 0, steps: int = 50,
-                 on_step: Optional[Callable[[float], None]] = None) -> tuple[Ranks, list[float]]:
+                 min_rank: int = 0, steps: int = 50, tol: float = 0.0,
+                 on_step: Optional[Callable[[Ranks, float], None]] = None) -> tuple[Ranks, list[float]]:
     """At most `steps` moves of single ranks between factorized layers, each lowering `measure`
     and keeping the budget; returns the ranks and the loss at the start and after each move.
 
-    A step measures every one-rank neighbour at the current allocation: each factorized layer
-    one rank up and one rank down, the other layers as they are, so the layers' interactions at
-    this allocation are in the numbers. A move gives one layer a rank and takes one from another
-    (then from the least harmed layers, one rank each, until the budget holds again). The moves
-    whose predicted change (the sum of their layers' measured one-rank changes) is negative are
-    measured in order of that prediction; the first that measures lower is taken. The search
-    stops when none does: for a loss that is a sum of per-layer losses the prediction is exact,
-    so this is then a move-local optimum (the global one for convex per-layer losses of
-    same-shape layers). Dense layers (None) stay dense; ranks stay in [min_rank, break_even_rank]."""
+    The one-rank neighbours (each factorized layer one rank up and one rank down, the others as
+    they are) are measured at the start, so the layers' interactions at this allocation are in
+    the numbers. A move gives one layer a rank and takes one from another (then from the least
+    harmed layers, one rank each, until the budget holds again). The moves whose predicted
+    change (the sum of their layers' measured one-rank changes) is negative are measured in
+    order of that prediction; the first that measures lower is taken. After a move only the
+    moved layers' neighbours are measured again (2 per moved layer, not 2 per layer): the
+    others' changes are carried over. When no predicted move measures lower on carried-over
+    changes, every neighbour is measured afresh and the search goes on; it stops when none does
+    on fresh ones, so, as with a full measurement every step, it ends on a move-local optimum
+    (for a loss that is a sum of per-layer losses the prediction is exact: the global one for
+    convex per-layer losses of same-shape layers). It also stops after a move that gained less
+    than `tol` times the loss before it. Dense layers (None) stay dense; ranks stay in
+    [min_rank, break_even_rank]. `on_step(ranks, loss)` is called after each move."""
     budget = sum(s.dense_params for s in specs) - params_to_remove
     if total_params(specs, ranks) > budget:
         raise ValueError("refine_ranks starts from an allocation that meets the budget; this one keeps "
@@ -43,23 +48,43 @@ def refine_ranks(ranks: Ranks, specs: Sequence[LayerSpec], params_to_remove: int
     current = list(ranks)
     (loss,) = measure([current])
     history = [loss]
-    for _ in range(steps):
+    if steps == 0:
+        return current, history
+    change = _neighbour_changes(current, range(len(specs)), specs, min_rank, loss, measure)
+    fresh = True
+    while len(history) <= steps:
         ups = [l for l, s in enumerate(specs) if current[l] is not None and current[l] < s.break_even_rank]
         downs = [l for l, s in enumerate(specs) if current[l] is not None and current[l] > min_rank]
-        measured = measure([_moved(current, {l: 1}) for l in ups] + [_moved(current, {l: -1}) for l in downs])
-        change = {(l, 1): v - loss for l, v in zip(ups, measured)}
-        change.update({(l, -1): v - loss for l, v in zip(downs, measured[len(ups):])})
         for move in _predicted_gains(current, ups, downs, change, specs, budget, min_rank):
             (v,) = measure([move])
             if v < loss:
-                current, loss = move, v
+                moved = [l for l, (a, b) in enumerate(zip(current, move)) if a != b]
+                gain, current, loss = loss - v, move, v
                 history.append(v)
                 if on_step is not None:
-                    on_step(v)
+                    on_step(current, v)
+                stale = {k: d for k, d in change.items() if k[0] not in moved}
+                change = {**stale, **_neighbour_changes(current, moved, specs, min_rank, loss, measure)}
+                fresh = False
                 break
         else:  # no move predicted to help measures lower
+            if fresh:
+                break
+            change = _neighbour_changes(current, range(len(specs)), specs, min_rank, loss, measure)
+            fresh = True
+            continue
+        if gain < tol * (loss + gain):
             break
     return current, history
+
+
+def _neighbour_changes(ranks: Ranks, layers: Sequence[int] | range, specs: Sequence[LayerSpec], min_rank: int,
+                       loss: float, measure: Measure) -> dict[tuple[int, int], float]:
+    """{(layer, +1 | -1): measured loss change} of `layers`' one-rank neighbours of `ranks`."""
+    keys = [(l, d) for d in (1, -1) for l in layers if ranks[l] is not None
+            and (ranks[l] < specs[l].break_even_rank if d > 0 else ranks[l] > min_rank)]  # type: ignore[operator]
+    measured = measure([_moved(ranks, {l: d}) for l, d in keys]) if keys else []
+    return {k: v - loss for k, v in zip(keys, measured)}
 
 
 def _predicted_gains(ranks: Ranks, ups: Sequence[int], downs: Sequence[int], change: dict[tuple[int, int], float],

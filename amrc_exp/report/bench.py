@@ -64,14 +64,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def compose_config(preset: str, overrides: list[str], out_dir: Path, cache_dir: Path) -> RunConfig:
-    """`conf/config.yaml` with COMMON, the preset's and the user's overrides (in that order), typed."""
+# What a method config (conf/method/) decides: a command-line group choice would override it.
+METHOD_KEYS = ("z_type=", "zfit.iters=")
+
+
+def compose_config(preset: str, overrides: list[str], out_dir: Path, cache_dir: Path,
+                   common: tuple[str, ...] = COMMON) -> RunConfig:
+    """`conf/config.yaml` with `common`, the preset's and the user's overrides (in that order), typed."""
     from hydra import compose, initialize_config_dir
 
     from amrc_exp.experiment.config import register_schema, to_run_config
 
     register_schema()
-    base = [*COMMON, *PRESETS[preset].overrides, f"out_dir={out_dir}", f"cache_dir={cache_dir}"]
+    base = [*common, *PRESETS[preset].overrides, f"out_dir={out_dir}", f"cache_dir={cache_dir}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=base + list(overrides))
     return to_run_config(cfg)
@@ -250,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="deit_b")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default outputs/bench/<preset>)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. device=cuda")
+    parser.add_argument("--method", default=None,
+                        help="comma-separated methods (conf/method/) to cost side by side instead of the GD/closed-form "
+                             "pipeline benchmark, e.g. paper,ours_oa,ours_wf (writes methods.json / methods.md)")
+    parser.add_argument("--extrapolate-to", type=int, default=None, metavar="N",
+                        help="with --method: also each end to end with N calibration + held-out images")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. device=cuda; with --method, "
+                                                     "METHOD:key=value applies to that method only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -259,12 +270,40 @@ def main(argv: list[str] | None = None) -> int:
     from amrc_exp.errors import AmrcError
 
     try:
+        if args.method is not None:
+            return _methods_main(args, out_dir)
         result = bench(args.preset, args.overrides, out_dir)
     except AmrcError as err:
         print(f"amrc_exp.report.bench: error: {err}", file=sys.stderr)
         return 2
     print(report.markdown(result))
     print(f"written: {out_dir / 'bench.json'}, {out_dir / 'bench.md'}")
+    return 0
+
+
+def _methods_main(args: argparse.Namespace, out_dir: Path) -> int:
+    """`--method`: the cost of each named method side by side (`report.bench_methods`)."""
+    from amrc_exp.errors import ConfigError
+    from amrc_exp.report import bench_methods as bm
+
+    methods = bm.parse_methods(args.method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The method configs choose z_type and the Z fit; "METHOD:key=value" applies to that method only.
+    common = tuple(o for o in COMMON if not o.startswith(METHOD_KEYS))
+    shared = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    for o in args.overrides:
+        if ":" in (key := o.split("=", 1)[0]) and key.split(":", 1)[0] not in methods:
+            raise ConfigError("--method", key.split(":", 1)[0], f"a method named in --method {methods} (override {o})")
+    own = {m: [o.split(":", 1)[1] for o in args.overrides if o.split("=", 1)[0].startswith(f"{m}:")] for m in methods}
+
+    def compose(method: str) -> RunConfig:
+        return compose_config(args.preset, [f"method={method}", *shared, *own[method]], out_dir,
+                              out_dir / ".unused_cache", common)
+
+    result = bm.bench_methods(compose(methods[0]), methods, args.preset, [*common, *PRESETS[args.preset].overrides,
+                              *args.overrides], out_dir, args.extrapolate_to, compose)
+    print(bm.markdown(result))
+    print(f"written: {out_dir / 'methods.json'}, {out_dir / 'methods.md'}")
     return 0
 
 

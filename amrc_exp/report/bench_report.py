@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # Stages of one compression run, in order; their sum is the run's end-to-end time.
-PIPELINE = ("data", "load", "calibrate", "decompose", "allocate", "compensate", "apply")
+PIPELINE = ("data", "load", "calibrate", "fisher", "decompose", "allocate", "compensate", "apply")
 
 # (name, what, metric key in `summary`, op, limit, unit) per device type; all set for DeiT-B.
 TARGETS: dict[str, list[tuple[str, str, str, str, float, str]]] = {

@@ -105,7 +105,7 @@ def _relative(job_dir: Path, roots: list[Path]) -> str:
 
 
 def method_of(config: dict[str, Any]) -> str:
-    """The run's `method` label (set by sweeps/method/*.yaml), "dense" for compress=false, or a
+    """The run's `method` label (set by conf/method/*.yaml), "dense" for compress=false, or a
     generic decomp/schedule/z_type/solver label for a run launched without one."""
     if is_dense_config(config):
         return "dense"

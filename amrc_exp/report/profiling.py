@@ -71,11 +71,41 @@ class _Sampler(threading.Thread):
         return max(self.peak, current_rss())
 
 
-class StageMeter:
-    """Seconds and peak memory per stage, in run order; a stage name seen twice gets a suffix."""
+class PassCounter:
+    """Forward passes through a model's blocks (`compress.staged.Chain.blocks`), counted by
+    forward hooks: `image_passes` is images x blocks run / blocks, i.e. whole-model forwards of
+    one image (a pass from block b onward counts (blocks - b) / blocks of one). Backward passes
+    (FWSVD's Fisher, Dobi-SVD's training) are not counted: each costs about two forwards more."""
 
-    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
-        self.device, self.interval = device, interval
+    def __init__(self) -> None:
+        self.block_images, self.blocks, self._handles = 0, 1, []
+
+    def attach(self, model: torch.nn.Module) -> None:
+        from amrc_exp.compress.staged import chain_of
+
+        self.detach()
+        blocks = chain_of(model).blocks or (model,)
+        self.blocks = len(blocks)
+
+        def count(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            self.block_images += int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") else 1
+        self._handles = [b.register_forward_hook(count) for b in blocks]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def image_passes(self) -> float:
+        return self.block_images / self.blocks
+
+
+class StageMeter:
+    """Seconds and peak memory per stage, in run order; a stage name seen twice gets a suffix.
+    With a `PassCounter`, each stage also records the forward passes it ran (`image_passes`)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005, passes: PassCounter | None = None) -> None:
+        self.device, self.interval, self.passes = device, interval, passes
         self.stages: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -85,6 +115,7 @@ class StageMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         peak_before, rss_start = max_rss(), current_rss()
+        passes_before = self.passes.image_passes() if self.passes else None
         sampler = _Sampler(self.interval)
         sampler.start()
         start = time.perf_counter()
@@ -105,6 +136,8 @@ class StageMeter:
             "process_peak_rss_mib": round(peak_after / MIB, 1),
             "cuda_peak_mib": round(torch.cuda.max_memory_allocated(self.device) / MIB, 1) if cuda else None,
         }
+        if self.passes is not None:
+            row["image_passes"] = round(self.passes.image_passes() - passes_before, 2)
         key, n = name, 2
         while key in self.stages:
             key, n = f"{name}_{n}", n + 1
