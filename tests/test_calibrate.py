@@ -66,10 +66,11 @@ def test_find_layers_vit_and_swin():
                                       for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     swin = tiny_swin()
     names = list(find_layers(swin))
-    expected = [f"layers.{s}.blocks.{b}.{l}" for s in range(2) for b in range(2)
-                for l in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    # Stage 1 opens with its patch merging (stage 0's downsample is an Identity).
+    expected = [n for s in range(2) for n in (["layers.1.downsample.reduction"] if s else [])
+                + [f"layers.{s}.blocks.{b}.{l}" for b in range(2) for l in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]]
     assert names == expected
-    assert not any("downsample" in n or "head" in n for n in names)
+    assert not any("head" in n for n in names)
     deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
     assert len(find_layers(deit)) == 8
     assert "head" not in find_layers(deit)

@@ -28,9 +28,10 @@ __all__ = ["DEFAULT_PATTERNS", "AMRCConfig", "DecompConfig", "ScheduleConfig", "
            "SOLVERS", "check"]
 
 # The four linears of every transformer block (Sec 2: QKV, AttnProj, MLP1, MLP2) in timm's
-# naming. Anchored on ``blocks.<i>.`` so the classifier head, patch embedding and Swin's
-# ``layers.<s>.downsample.reduction`` never match; Swin's ``layers.1.blocks.0.attn.qkv``
-# matches through the unanchored prefix.
+# naming, plus Swin's patch merging ``layers.<s>.downsample.reduction`` (a dense 4C -> 2C linear,
+# ~3% of Swin-B, that Sec 5's fine-tuning list does not free, so it is compressed like the rest).
+# Anchored so the classifier head and patch embedding never match; Swin's
+# ``layers.1.blocks.0.attn.qkv`` matches through the unanchored prefix.
 DEFAULT_PATTERNS: tuple[str, ...] = (
     r"(^|\.)blocks\.\d+\.attn\.(qkv|proj)$",
     r"(^|\.)blocks\.\d+\.mlp\.(fc1|fc2)$",

@@ -55,11 +55,18 @@ class Chain:
         return tuple(m for u in self.units[1:-1] for m in u.modules)
 
 
-_BUILDERS: dict[type, Callable[[nn.Module], Chain]] = {}
+# Keyed by the class's full name, not the class: importing timm here would load timm.utils and
+# with it W&B, which the library must not pull in (tests/test_layers.py checks it).
+_BUILDERS: dict[str, Callable[[nn.Module], Chain]] = {}
 
 
-def register_chain(cls: type) -> Callable[[Callable[[nn.Module], Chain]], Callable[[nn.Module], Chain]]:
-    """Decorator: `builder(model) -> Chain` for instances of `cls` (and its subclasses)."""
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_chain(cls: str) -> Callable[[Callable[[nn.Module], Chain]], Callable[[nn.Module], Chain]]:
+    """Decorator: `builder(model) -> Chain` for instances of the class named `cls` ("module.Class")
+    and of its subclasses."""
     def add(builder: Callable[[nn.Module], Chain]) -> Callable[[nn.Module], Chain]:
         _BUILDERS[cls] = builder
         return builder
@@ -70,34 +77,28 @@ def _call(module: nn.Module) -> Unit:
     return Unit(module.__call__, (module,))
 
 
-def _timm_builders() -> None:
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    @register_chain(VisionTransformer)
-    def vit(m: nn.Module) -> Chain:
-        # VisionTransformer.forward_features without masks or checkpointing, then forward_head.
-        stem = Unit(lambda x: m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))),
-                    (m.patch_embed, m.norm_pre))
-        head = Unit(lambda x: m.forward_head(m.norm(x)),
-                    tuple(c for n, c in m.named_children() if n in ("norm", "fc_norm", "attn_pool", "head")))
-        return Chain((stem, *map(_call, m.blocks), head))
-
-    @register_chain(SwinTransformer)
-    def swin(m: nn.Module) -> Chain:
-        # Each stage is downsample (patch merging) then its blocks: both are units.
-        inner = [u for stage in m.layers for u in (_call(stage.downsample), *map(_call, stage.blocks))]
-        head = Unit(lambda x: m.forward_head(m.norm(x)), (m.norm, m.head))
-        return Chain((_call(m.patch_embed), *inner, head))
+@register_chain("timm.models.vision_transformer.VisionTransformer")
+def _vit(m: nn.Module) -> Chain:
+    # VisionTransformer.forward_features without masks or checkpointing, then forward_head.
+    stem = Unit(lambda x: m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))),
+                (m.patch_embed, m.norm_pre))
+    head = Unit(lambda x: m.forward_head(m.norm(x)),
+                tuple(c for n, c in m.named_children() if n in ("norm", "fc_norm", "attn_pool", "head")))
+    return Chain((stem, *map(_call, m.blocks), head))
 
 
-_timm_builders()
+@register_chain("timm.models.swin_transformer.SwinTransformer")
+def _swin(m: nn.Module) -> Chain:
+    # Each stage is downsample (patch merging) then its blocks: both are units.
+    inner = [u for stage in m.layers for u in (_call(stage.downsample), *map(_call, stage.blocks))]
+    head = Unit(lambda x: m.forward_head(m.norm(x)), (m.norm, m.head))
+    return Chain((_call(m.patch_embed), *inner, head))
 
 
 def _builder(model: nn.Module) -> Optional[Callable[[nn.Module], Chain]]:
     for cls in type(model).__mro__:
-        if cls in _BUILDERS:
-            return _BUILDERS[cls]
+        if (build := _BUILDERS.get(_name(cls))) is not None:
+            return build
     return None
 
 
