@@ -14,11 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from amrc_exp.experiment import interrupt
 
-from amrc_exp.experiment.config import register_schema
-from amrc_exp.errors import AmrcError
+# First, before torch's import can swallow a Ctrl-C (experiment/interrupt.py); only when this
+# process is the command itself (`python -m amrc_exp`, the `amrc` script), not a test or a sweep
+# worker that imports the module.
+if __name__ == "__main__" or Path(sys.argv[0]).name == "amrc":
+    interrupt.install()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from amrc_exp.experiment.config import register_schema  # noqa: E402
+from amrc_exp.errors import AmrcError  # noqa: E402
 
 register_schema()
 
@@ -116,10 +124,10 @@ def cli() -> None:
         print(f"amrc_exp: error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:
+        interrupt.ready()  # from here a Ctrl-C unwinds (failed.json, the tracker, a sweep's workers)
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's 128 + SIGINT; no partial result is trusted
-        print("amrc_exp: interrupted (no results.json written for the unfinished job; rerun to resume)",
-              file=sys.stderr)
+        interrupt.say()
         sys.exit(130)
 
 

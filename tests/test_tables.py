@@ -308,6 +308,11 @@ def test_peers_tables_are_mean_and_std_over_seeds(tmp_path):
     d = row(t7, method="ASVD")
     assert d["KL no FT"] == "0.3000 ± 0.1000" and d["agree no FT"] == "91.00 ± 1.00"
     assert d["compress s"] == "4.0 ± 1.0" and d["seeds"] == 3  # calibrate + allocate; no fine-tune or eval
+    # every run's value beside the mean and std, in the order of `seed`
+    c5 = t5.csv.set_index("method").loc["asvd"]
+    assert c5["seed"] == "0,1,2" and c5["top1_compressed_runs"] == "80;82;84"
+    c7 = t7.csv.set_index("method").loc["asvd"]
+    assert c7["kl_compressed_runs"] == "0.2;0.3;0.4" and c7["compress_seconds_runs"] == "3;4;5"
 
 
 def _seeded(root: Path, name: str, seed: int, fidelity: dict | None = None, **kw) -> dict:
@@ -351,11 +356,14 @@ def test_tables_1_to_4_are_mean_and_std_over_seeds(tmp_path):
     label = paper_tables.METHOD_LABELS["ours"]
     assert csv.loc[label, "top1"] == pytest.approx(mean(fine)) and csv.loc[label, "top1_std"] == pytest.approx(stdev(fine))
     assert csv.loc[label, "seeds"] == 3 and csv.loc[label, "run"].count(";") == 2
+    assert csv.loc[label, "seed"] == "0,1,2" and csv.loc[label, "top1_runs"] == ";".join(map(str, fine))
+    assert [r.endswith(f"seed={i}") for i, r in enumerate(csv.loc[label, "run"].split(";"))] == [True] * 3
     assert any("mean ± sample std over seeds 0, 1, 2 (1-3 per cell" in n for n in t2.notes), t2.notes
 
     lowrank = t1.csv[t1.csv["pipeline"].str.startswith("ours") & (t1.csv["ratio"] == 0.5)].iloc[0]
     assert lowrank["err_after"] == pytest.approx(mean(a for _, a in errs))
     assert lowrank["err_after_std"] == pytest.approx(stdev(a for _, a in errs))
+    assert lowrank["err_after_runs"] == "0.11;0.12;0.14"
     md = row(t1, Pipeline="^ours", Reduction="-50%")
     assert md["Average Residual Error"] == "0.123 ± 0.015"  # 0.11, 0.12, 0.14: mean 0.12333, std 0.01528
     assert md["Parameter Count Overhead (% of factorized layers)"] == "5.10 ± 0.10"  # 5.0, 5.1, 5.2 %
@@ -376,6 +384,7 @@ def test_tables_3_and_4_are_mean_and_std_over_seeds(tmp_path):
     assert row(t4, Method="8-bit PTQ")["Top-1 Accuracy (%)"] == f"{mean(ptq):.2f} ± {stdev(ptq):.2f}"
     assert row(t4, Method=r"\(FP16\) —")["Top-1 Accuracy (%)"] == "82.00 ± 1.00"  # 81, 82, 83
     assert t4.csv["seeds"].tolist() == [3, 3, 3]
+    assert t4.csv.set_index("ptq_bits").loc[8, "top1_runs"] == "79.1;79.6;79"
 
 
 def test_frontier_table_interpolates_dense_ptq_at_the_same_size(tmp_path):
@@ -407,6 +416,8 @@ def test_frontier_table_interpolates_dense_ptq_at_the_same_size(tmp_path):
     six = row(t8, point="ours −80% \\+ 6-bit")
     assert six["MiB"] == "0.2000" and six["top-1 after FT"] == "88.20 ± 0.20"
     assert six["dense PTQ at this MiB"] == "87.00" and six["gap"] == "+1.20"
+    six_csv = t8.csv[(t8.csv["method"] == "ours_oa") & (t8.csv["bits"] == 6)].iloc[0]
+    assert six_csv["seed"] == "0,1,2" and six_csv["top1_finetuned_runs"] == "88;88.4;88.2"
     three = row(t8, point="ours −80% \\+ 3-bit")
     assert three["dense PTQ at this MiB"] == "outside the dense points" and three["gap"] == ""
     assert row(t8, point="dense \\+ 4-bit")["top-1 before FT"] == "85.00 ± 0.00"

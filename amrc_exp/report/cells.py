@@ -188,21 +188,31 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
 
 
+def runs_text(values: Iterable[Any]) -> str:
+    """Every run's value, `;`-separated in the cell's seed order (empty where a run has none): the
+    CSVs' `<column>_runs`, so a reader can check a mean and std run by run."""
+    return ";".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.10g}"
+                    for v in values)
+
+
 def cells_frame(df):
     """One row per table cell (runs whose configs differ only in NOT_THE_CELL): every STAT_FIELDS
-    column is the mean over the cell's runs, with `<field>_std` (sample std) and `<field>_n`;
-    `seeds` counts the runs, `seed` lists them, `run` is the first run and `runs` all of them.
+    column is the mean over the cell's runs, with `<field>_std` (sample std), `<field>_n` and
+    `<field>_runs` (`runs_text`); `seeds` counts the runs, `seed` lists them, `run` is the first
+    run and `runs` all of them, in the same order.
     A cell is synthetic if any of its runs is."""
     if df.empty:
         return df
     rows = []
     for _, g in df.groupby("cell", sort=False):
-        g = g.sort_values("run")
+        # seed order, so that `seed`, `runs`, `<field>_runs` and `ptq_frontiers` line up run by run
+        g = g.assign(_seed=g["seed"].map(str)).sort_values(["_seed", "run"]).drop(columns="_seed")
         row = g.iloc[0].to_dict()
         for f in STAT_FIELDS:
             row[f], row[f"{f}_std"], row[f"{f}_n"] = mean_std(g[f].tolist())
+            row[f"{f}_runs"] = runs_text(g[f].tolist())
         row.update(ptq_frontiers=g["ptq_frontier"].tolist(),  # one list per run (ptq.frontier_bits)
-                   seeds=len(g), seed=",".join(str(s) for s in sorted(g["seed"], key=str)),
+                   seeds=len(g), seed=",".join(str(s) for s in g["seed"]),
                    runs=";".join(g["run"]), synthetic=bool(g["synthetic"].any()))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -256,10 +266,12 @@ def cell_sig(r: Any, field: str) -> str:
     return f"{text} ± {std:.{decimals}f}"
 
 
-def stat_csv(r: Any, column: str, field: str, accuracy: bool = True) -> dict[str, Any]:
-    """A cell's CSV columns: `column` (the mean) and `column_std`."""
-    hide = accuracy and r["synthetic"]
-    return {column: math.nan if hide else r[field], f"{column}_std": math.nan if hide else r[f"{field}_std"]}
+def stat_csv(r: Any, column: str, field: str | None, accuracy: bool = True) -> dict[str, Any]:
+    """A cell's CSV columns: `column` (the mean), `column_std` and `column_runs` (every run's
+    value, in the order of the CSV's `seed`). No `field`, or a synthetic run's accuracy: empty."""
+    if not field or (accuracy and r["synthetic"]):
+        return {column: math.nan, f"{column}_std": math.nan, f"{column}_runs": ""}
+    return {column: r[field], f"{column}_std": r[f"{field}_std"], f"{column}_runs": r[f"{field}_runs"]}
 
 
 def fmt_sig(v: Any, digits: int = 3) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from amrc_exp.report.cells import Table, fmt_pm, mean_std, settings_note
+from amrc_exp.report.cells import Table, fmt_pm, mean_std, runs_text, settings_note
 
 # method -> row label (the fine-tune's loss; ours_wf: the two-sided, checked and refined variant, fine-tuned on labels)
 OURS = {"ours_oa": "ours", "ours_kd": "ours KD-FT", "ours_fm": "ours KD+FM-FT", "ours_wf": "ours two-sided",
@@ -43,18 +43,20 @@ def _points(cells) -> list[dict[str, Any]]:
                 "finetuned": math.nan if dense else c["top1_finetuned"]}
         fp16_std = {"compressed": c["top1_baseline_std" if dense else "top1_compressed_std"],
                     "finetuned": math.nan if dense else c["top1_finetuned_std"]}
+        fp16_runs = {"compressed": c["top1_baseline_runs" if dense else "top1_compressed_runs"],
+                     "finetuned": "" if dense else c["top1_finetuned_runs"]}
         out.append({"method": c["method"], "ratio": 0.0 if dense else float(c["ratio"]), "bits": 16,
-                    "size_mib": (fp16["size_mib"], 0.0, c["seeds"]),
+                    "size_mib": (fp16["size_mib"], 0.0, c["seeds"]), "seed": c["seed"], "runs": fp16_runs,
                     **{st: (fp16[st], fp16_std[st], 0 if dense and st == "finetuned" else c["seeds"])
                        for st in STAGES}})
-        by_bits: dict[int, list[dict[str, Any]]] = {}
-        for run in c["ptq_frontiers"]:
-            for row in run:
-                by_bits.setdefault(int(row["bits"]), []).append(row)
-        for bits, rows in sorted(by_bits.items(), reverse=True):
-            before = "top1_dense" if dense else "top1_compressed"
+        before = "top1_dense" if dense else "top1_compressed"
+        for bits in sorted({int(row["bits"]) for run in c["ptq_frontiers"] for row in run}, reverse=True):
+            # one entry per run, in seed order ({} where a run has no such width), so `runs` lines up
+            rows = [next((row for row in run if int(row["bits"]) == bits), {}) for run in c["ptq_frontiers"]]
             out.append({"method": c["method"], "ratio": 0.0 if dense else float(c["ratio"]), "bits": bits,
-                        "size_mib": mean_std(r["size_mib"] for r in rows),
+                        "size_mib": mean_std(r.get("size_mib") for r in rows), "seed": c["seed"],
+                        "runs": {"compressed": runs_text(r.get(before) for r in rows),
+                                 "finetuned": runs_text(r.get("top1_finetuned") for r in rows)},
                         "compressed": mean_std(r.get(before) for r in rows),
                         "finetuned": mean_std(r.get("top1_finetuned") for r in rows)})
     return out
@@ -89,7 +91,8 @@ def table8(df) -> Table:
                    "gap": "" if math.isnan(ref) else f"{top - ref:+.2f}"})
         csv.append({"method": p["method"], "ratio": p["ratio"], "bits": p["bits"], "size_mib": p["size_mib"][0],
                     **{f"top1_{st}{suffix}": p[st][i] for st in STAGES for i, suffix in ((0, ""), (1, "_std"))},
-                    "seeds": p["compressed"][2], "dense_ptq_interp": ref, "gap": top - ref})
+                    **{f"top1_{st}_runs": p["runs"][st] for st in STAGES},
+                    "seeds": p["compressed"][2], "seed": p["seed"], "dense_ptq_interp": ref, "gap": top - ref})
     notes = ["Size: stored MiB (fp16 everything; N-bit: RTN channel-wise codes of every weight matrix plus an fp16 "
              "scale and zero point per channel, App. B). Dense PTQ has no fine-tuning; ours is fine-tuned "
              "(fp16; the partial set unless the settings line says otherwise), then quantized: `top-1 after FT` "

@@ -141,7 +141,7 @@ def table1(df) -> Table:
                        for k, v in stat_csv(r, f, f, accuracy=False).items()},
                     "n_factorized": r["n_factorized"], "paper_overhead": paper[0] if paper else None,
                     "paper_err": paper[1] if paper else math.nan, "synthetic": r["synthetic"], "seeds": r["seeds"],
-                    "run": r["runs"]})
+                    "seed": r["seed"], "run": r["runs"]})
     notes = []
     if not multi and len(sub):
         notes.append(f"{sub['arch'].iloc[0]} compressed by {ratio_pct(sub['ratio'].iloc[0])}% of its parameters; "
@@ -247,11 +247,11 @@ def _t2_csv(model, method, ratio, params, reduction, top1: str, top1_noft: str |
     fields = {"top1": top1, "top1_before_ft": top1_noft, "agree": top1_noft and f"agree_{_final_stage(r)}",
               "kl": top1_noft and f"kl_{_final_stage(r)}"}
     stats = {k: v for column, field in fields.items()
-             for k, v in (stat_csv(r, column, field) if field else {column: math.nan, f"{column}_std": math.nan}).items()}
+             for k, v in stat_csv(r, column, field).items()}
     return {"model": model, "arch": ARCH.get(model, model), "method": method, "ratio": ratio,
             "params_m": params / 1e6, "reduction_pct": reduction, **stats,
             "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[1] if paper else math.nan,
-            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
+            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "seed": r["seed"], "run": r["runs"]}
 
 
 def table3(df) -> Table:
@@ -303,7 +303,7 @@ def _t3_csv(model, label, params, reduction, top1: str, r, paper, target=None) -
     return {"model": model, "row": label, "target_params": target, "params_m": params / 1e6,
             "reduction_pct": reduction, **stat_csv(r, "top1", top1),
             "paper_params_m": paper[0] if paper else math.nan, "paper_top1": paper[2] if paper else math.nan,
-            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "run": r["runs"]}
+            "synthetic": bool(r["synthetic"]), "seeds": r["seeds"], "seed": r["seed"], "run": r["runs"]}
 
 
 def table4(df) -> Table:
@@ -339,11 +339,11 @@ def table4(df) -> Table:
             md.append({"Method": label, "Model Size (MiB)": fmt_mib(r[size]), "Top-1 Accuracy (%)": cell(r, top1),
                        "Paper: Size (MiB)": f"{paper[0]:.1f}" if paper else "",
                        "Paper: Top-1 (%)": f"{paper[1]:.2f}" if paper else ""})
-            csv.append({"model": model, "row": label, "compression_pct": pct, "ptq_bits": bits, "size_mib": r[size],
-                        "size_mib_std": r[f"{size}_std"], **stat_csv(r, "top1", top1),
+            csv.append({"model": model, "row": label, "compression_pct": pct, "ptq_bits": bits,
+                        **stat_csv(r, "size_mib", size, accuracy=False), **stat_csv(r, "top1", top1),
                         "paper_size_mib": paper[0] if paper else math.nan,
                         "paper_top1": paper[1] if paper else math.nan, "synthetic": bool(r["synthetic"]),
-                        "seeds": r["seeds"], "run": r["runs"]})
+                        "seeds": r["seeds"], "seed": r["seed"], "run": r["runs"]})
     notes = ["Sizes: FP16 = every parameter at 2 bytes; N-bit PTQ = RTN channel-wise codes of every weight matrix "
              "(U, V, G, Y, dense linears, head, patch embedding) at N bits plus an fp16 scale and zero point per "
              "channel, everything else fp16 (App. B).",

@@ -43,8 +43,8 @@ PEER_FIELDS = ("top1_compressed", "top1_finetuned", "agree_compressed", "kl_comp
 
 
 def peer_cells(cells) -> dict[tuple[float, str], dict[str, Any]]:
-    """{(ratio, method): {field: (mean, std, n)}} from `cells.cells_frame` (one row per cell, its
-    seeds aggregated). Two cells with one (ratio, method) differ in more than the seed: the first
+    """{(ratio, method): {field: (mean, std, n, runs)}} from `cells.cells_frame` (one row per cell,
+    its seeds aggregated; `runs`: every run's value, `cells.runs_text`, in the order of `seed`). Two cells with one (ratio, method) differ in more than the seed: the first
     is kept and the other named in a warning rather than pooled."""
     out: dict[tuple[float, str], dict[str, Any]] = {}
     rows = cells[cells["method"].isin(PEER_LABELS) & ~cells["synthetic"]].sort_values("run")
@@ -54,7 +54,8 @@ def peer_cells(cells) -> dict[tuple[float, str], dict[str, Any]]:
             log.warning("peers: %s is a second cell for ratio %g, method %s (its config differs in more than "
                         "the seed): left out", r["run"], *key)
             continue
-        out[key] = {f: (r[f], r[f"{f}_std"], r[f"{f}_n"]) for f in PEER_FIELDS}
+        out[key] = {f: (r[f], r[f"{f}_std"], r[f"{f}_n"], r[f"{f}_runs"]) for f in PEER_FIELDS}
+        out[key]["seed"] = r["seed"]
     return out
 
 
@@ -68,10 +69,11 @@ def _compact(df, field: str, number: int, title: str) -> Table:
         best = max(means.values()) if means else math.nan
         row = {"ratio": f"-{100 * ratio:g}%"}
         for m in methods:
-            mean, std, n = cells.get((ratio, m), {}).get(field, (math.nan, math.nan, 0))
+            mean, std, n, runs = cells.get((ratio, m), {}).get(field, (math.nan, math.nan, 0, ""))
             text = fmt_pm(mean, std, n) if (ratio, m) in cells else "refused / not run"
             row[PEER_LABELS[m]] = f"**{text}**" if n and mean == best else text
-            csv.append({"ratio": ratio, "method": m, f"{field}_mean": mean, f"{field}_std": std, "seeds": n})
+            csv.append({"ratio": ratio, "method": m, f"{field}_mean": mean, f"{field}_std": std, "seeds": n,
+                        "seed": cells.get((ratio, m), {}).get("seed", ""), f"{field}_runs": runs})
         peers = [v for m, v in means.items() if m not in OURS]
         ours = next((means[m] for m in OURS if m in means), None)
         if ours is not None and peers:
@@ -97,7 +99,8 @@ def table7(df) -> Table:
     cells = peer_cells(df)
     md, csv = [], []
     for (ratio, method) in sorted(cells, key=lambda k: (k[0], list(PEER_LABELS).index(k[1]))):
-        c = cells[(ratio, method)]
+        c = {f: v[:3] for f, v in cells[(ratio, method)].items() if f in PEER_FIELDS}  # (mean, std, n)
+        runs = {f: v[3] for f, v in cells[(ratio, method)].items() if f in PEER_FIELDS}
         md.append({
             "ratio": f"-{100 * ratio:g}%", "method": PEER_LABELS[method],
             "params (M)": f"{c['params_after'][0] / 1e6:.3f}",
@@ -107,8 +110,9 @@ def table7(df) -> Table:
             "KL FT": fmt_pm(*c["kl_finetuned"], digits=4),
             "compress s": fmt_pm(*c["compress_seconds"], digits=1), "seeds": c["top1_compressed"][2],
         })
-        csv.append({"ratio": ratio, "method": method,
-                    **{f"{k}_{s}": v[i] for k, v in c.items() for i, s in enumerate(("mean", "std", "n"))}})
+        csv.append({"ratio": ratio, "method": method, "seed": cells[(ratio, method)]["seed"],
+                    **{f"{k}_{s}": v[i] for k, v in c.items() for i, s in enumerate(("mean", "std", "n"))},
+                    **{f"{k}_runs": v for k, v in runs.items()}})
     notes = ["agree: top-1 agreement with the dense model (%); KL: mean KL(dense ‖ compressed) in nats over "
              "the evaluation set; compress s: calibration (or its cache hit) + decomposition + allocation + "
              "compensation + apply, wall seconds on the machine that ran the job.", CITATIONS]
