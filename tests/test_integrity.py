@@ -205,3 +205,15 @@ def test_disk_full_fails_before_the_work_and_at_the_export(tmp_path, monkeypatch
     with pytest.raises(DiskSpaceError, match="no space left writing the export to"):
         run_module.run(cfg("b"))
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+@pytest.mark.parametrize("env, args, says", [({"NEIGHBOUR": "sometimes"}, ["3"], "NEIGHBOUR=sometimes: expected always, never or alternate"),
+                                             ({}, ["0"], "N=0: expected a positive integer")])
+def test_stress_suite_refuses_bad_values_before_cloning(tmp_path, env, args, says):
+    import os
+    import subprocess
+
+    clone = tmp_path / "clone"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "stress_suite.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, **env, "STRESS_DIR": str(clone)}, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr and not clone.exists()

@@ -174,3 +174,36 @@ def test_figures_command_writes_the_pngs(sweep_output, tmp_path, capsys):
     text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "3 complete compression run(s), 2 sensitivity run(s)" in text and "Fig 4 skipped" not in text
     assert "Fig 5 skipped" not in text
+    # the executed notebook embeds each written PNG itself, byte for byte
+    assert embedded_figures(out / "figures.ipynb") == {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+
+def embedded_figures(notebook: Path) -> dict[str, bytes]:
+    """{PNG name: the image bytes} of an executed figures notebook: each figure cell prints its
+    `figure-meta:` line (with the file name) and then displays the saved PNG file itself."""
+    import base64
+
+    import nbformat
+
+    out: dict[str, bytes] = {}
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        names = [json.loads(line.split("figure-meta:", 1)[1])["figure"]
+                 for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+                 for line in o.get("text", "").splitlines() if line.startswith("figure-meta:")]
+        images = [base64.b64decode(o["data"]["image/png"]) for o in cell.get("outputs", [])
+                  if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+        assert len(names) == len(images), (names, len(images))
+        out.update(zip(names, images))
+    return out
+
+
+def test_committed_figures_are_the_ones_the_executed_notebook_shows():
+    """results/figures/: every committed PNG is the image the committed executed notebook
+    embeds, byte for byte, and the notebook embeds no figure that is not committed (a PNG
+    redrawn alone, or a notebook run that skipped a figure, fails here)."""
+    figures = ROOT / "results" / "figures"
+    embedded = embedded_figures(figures / "figures.ipynb")
+    committed = {p.name: p.read_bytes() for p in figures.glob("*.png")}
+    assert sorted(embedded) == sorted(committed)
+    for name, data in committed.items():
+        assert embedded[name] == data, f"{name}: the PNG differs from the notebook's embedded image"

@@ -119,6 +119,30 @@ def test_sensitivities_and_whole_model_kls_equal_whole_model_forwards(model_and_
             assert kl[label] == pytest.approx(want, rel=1e-9, abs=1e-12), (b, label)
 
 
+def test_a_subclass_with_its_own_forward_is_measured_whole():
+    """A VisionTransformer subclass whose forward is not the chain's (here: logits halved): the
+    scorer sees the chain's first-batch output differ from the model's and measures whole-model
+    passes instead, so the KLs are still the model's own."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class Halved(VisionTransformer):
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    torch.manual_seed(0)
+    model = Halved(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5).eval()
+    x = torch.randn(8, 3, 32, 32)
+    assert len(chain_of(model, check=x[:4]).units) == 1
+    layers = dict(list(find_layers(model).items())[:3])
+    spectra = {n: decompose("svd", l.weight.detach().double().T) for n, l in layers.items()}
+    with torch.no_grad():
+        dense = F.log_softmax(model(x).double(), dim=-1)
+    got = layer_sensitivity(model, layers, spectra, {n: [1] for n in layers}, Probe(x, batch_size=4))
+    for name, layer in layers.items():
+        with replaced_weight(layer, spectra[name].approx(1).T.float()):
+            assert got[name][1] == pytest.approx(_kl_full(model, x, dense), rel=1e-9, abs=1e-12)
+
+
 @torch.no_grad()
 def test_pass_counter_counts_partial_passes_as_fractions():
     model = _vit()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from amrc_exp.compress.evaluate import kl_rows
-from amrc_exp.compress.staged import CachedInputs, chain_of
+from amrc_exp.compress.staged import CachedInputs, chain_of, reproduces, whole_chain
 from amrc_exp.math.decompose import Spectrum
 
 __all__ = ["Probe", "take_probe", "fisher_rows", "eval_mode", "replaced_weight", "layer_sensitivity", "allocation_kl",
@@ -145,9 +145,16 @@ class _Scorer:
         self.score = METRICS[metric]
         self.labels = [None if y is None else y.to(device) for _, y in probe.batches()]
         images = [x.to(device) for x, _ in probe.batches()]
-        self.chain = chain_of(model, check=images[0])
+        self.chain = chain_of(model)
         self.cache = CachedInputs(self.chain, images, CACHE_BYTES)
-        self.dense = [F.log_softmax(z.double(), dim=-1) for z in self.cache.refresh()]
+        outputs = self.cache.refresh()
+        # The chain is checked against the model on the first batch's output, which the cache
+        # pass has just computed: one extra forward of one batch, not two (`chain_of(check=)`).
+        if not reproduces(model, images[0], outputs[0]):  # a subclass with its own forward
+            self.chain = whole_chain(model)
+            self.cache = CachedInputs(self.chain, images, CACHE_BYTES)
+            outputs = self.cache.refresh()
+        self.dense = [F.log_softmax(z.double(), dim=-1) for z in outputs]
         self.n = len(probe)
 
     def rebase(self) -> None:
@@ -217,6 +224,10 @@ def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: 
                     stack.enter_context(replaced_weight(layers[name], weight(name, r)))
             yield
 
+    def cut(ranks: Allocation) -> Allocation:
+        """The layers an allocation cuts (None: dense, the same as absent)."""
+        return {n: r for n, r in ranks.items() if r is not None}
+
     def first_change(ranks: Allocation) -> int:
         changed = [unit[n] for n in set(ranks) | set(cached) if ranks.get(n) != cached.get(n)]
         return min(changed, default=len(scorer.chain.units) - 1)
@@ -226,13 +237,13 @@ def whole_model_scorer(model: nn.Module, layers: dict[str, nn.Linear], spectra: 
         nonlocal cached
         out = {}
         with eval_mode(model):
-            if base is not None and {n: r for n, r in base.items() if r is not None} != cached:
+            if base is not None and cut(base) != cached:
                 with applied(base):
                     scorer.rebase()
-                cached = {n: r for n, r in base.items() if r is not None}
+                cached = cut(base)
             for label, ranks in allocations.items():
                 with applied(ranks):
-                    out[label] = scorer.measure(first_change({n: r for n, r in ranks.items() if r is not None}))
+                    out[label] = scorer.measure(first_change(cut(ranks)))
         return out
 
     return score

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Unit", "Chain", "chain_of", "register_chain", "CachedInputs"]
+__all__ = ["Unit", "Chain", "chain_of", "whole_chain", "reproduces", "register_chain", "CachedInputs"]
 
 
 @dataclass(frozen=True)
@@ -107,16 +107,25 @@ def chain_of(model: nn.Module, check: Optional[Tensor] = None) -> Chain:
     """The registered chain of `model`, or the model as one unit. With `check` (a batch of
     inputs), the chain's output is compared with `model(check)`; a chain that does not reproduce
     it (a subclass with its own forward) is dropped for the one-unit chain."""
-    whole = Chain((Unit(lambda x: model(x), (model,)),))
     build = _builder(model)
     if build is None or getattr(model, "grad_checkpointing", False):
-        return whole
+        return whole_chain(model)
     chain = build(model)
-    if check is not None:
-        ref = model(check)
-        if ref.shape != (got := chain.forward(check)).shape or not torch.equal(ref, got):
-            return whole
+    if check is not None and not reproduces(model, check, chain.forward(check)):
+        return whole_chain(model)
     return chain
+
+
+def whole_chain(model: nn.Module) -> Chain:
+    """The model as one unit: always right, nothing to start from midway."""
+    return Chain((Unit(lambda x: model(x), (model,)),))
+
+
+@torch.no_grad()
+def reproduces(model: nn.Module, x: Tensor, out: Tensor) -> bool:
+    """Whether `out` is `model(x)` bit for bit (a chain that is not is never used)."""
+    ref = model(x)
+    return ref.shape == out.shape and torch.equal(ref, out)
 
 
 class CachedInputs:

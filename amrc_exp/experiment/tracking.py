@@ -153,6 +153,12 @@ class WandbTracker(Tracker):
     def finish(self) -> None:
         self._broken = False  # always try to close the run
         self._guard("finish", self.run.finish)
+        # `run.finish()` returns once the exit record is handled, but wandb-core writes the run's
+        # `.wandb` file only when it closes the stream, which `finish` merely asks for: a reader
+        # right after (a test under load, the next sweep job) found no history records in it,
+        # and a killed sweep process or joblib worker (no atexit) lost them. Tearing the
+        # service down waits for that; the next job's `wandb.init` starts a new one.
+        self._guard("teardown", self._wandb.teardown)
 
 
 def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None,

@@ -74,8 +74,11 @@ class _Sampler(threading.Thread):
 class PassCounter:
     """Forward passes through a model's blocks (`compress.staged.Chain.blocks`), counted by
     forward hooks: `image_passes` is images x blocks run / blocks, i.e. whole-model forwards of
-    one image (a pass from block b onward counts (blocks - b) / blocks of one). Backward passes
-    (FWSVD's Fisher, Dobi-SVD's training) are not counted: each costs about two forwards more."""
+    one image (a pass from block b onward counts (blocks - b) / blocks of one). Every unit weighs
+    the same: right for ViT/DeiT, whose blocks are identical, and close for Swin, whose stages
+    trade 4x fewer tokens for 2x the width, so a block's linears cost the same in every stage
+    (its patch-merging units are lighter and count as blocks). Backward passes (FWSVD's Fisher,
+    Dobi-SVD's training) are not counted: each costs about two forwards more."""
 
     def __init__(self) -> None:
         self.block_images, self.blocks, self._handles = 0, 1, []
