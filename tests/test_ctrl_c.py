@@ -29,6 +29,13 @@ TINY = ["model=deit_t", "model.weights=random", "data=synthetic", "+model.kwargs
         "calib.heldout_samples=16", "calib.batch_size=16", "finetune.epochs=0", "logger=none"]
 
 
+def _terminal_sigint() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it (default), even where the test
+    itself runs with SIGINT ignored (a background job of a non-interactive shell, e.g. CI or
+    `scripts/stress_suite.sh` started with `&`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """`python -m amrc_exp ARGS` in its own session, its output read by a thread."""
 
@@ -39,7 +46,7 @@ class Run:
         self._seen: dict[str, threading.Event] = {}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_terminal_sigint)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -61,16 +68,20 @@ class Run:
                 self._reader.join(10)
                 pytest.fail(f"{marker!r} never appeared:\n" + "\n".join(self.lines[-40:]))
 
-    def ctrl_c(self) -> float:
-        """SIGINT to the whole process group; seconds until the command exited."""
-        sent = time.monotonic()
-        os.killpg(self.proc.pid, signal.SIGINT)
+    def wait_exit(self, why: str) -> None:
+        """Wait for the command to exit (60 s at most: then kill it and fail with `why`)."""
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            pytest.fail("no exit within 60 s of Ctrl-C:\n" + "\n".join(self.lines[-40:]))
+            pytest.fail(f"{why}:\n" + "\n".join(self.lines[-40:]))
         self._reader.join(10)
+
+    def ctrl_c(self) -> float:
+        """SIGINT to the whole process group; seconds until the command exited."""
+        sent = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        self.wait_exit("no exit within 60 s of Ctrl-C")
         return time.monotonic() - sent
 
     @property
@@ -140,17 +151,10 @@ def test_ctrl_c_while_torch_initialises_numpy_still_exits(tmp_path):
         "sys.argv[0] = 'amrc'\n"
         "runpy.run_module('amrc_exp', run_name='__main__')\n")
     out = tmp_path / "run"
-    sent = time.monotonic()
     run = Run(_args("zfit.iters=1000000", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"),
               prelude=prelude)
-    try:
-        run.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(run.proc.pid, signal.SIGKILL)
-        pytest.fail("the Ctrl-C during torch's import was lost:\n" + "\n".join(run.lines[-40:]))
-    run._reader.join(10)
+    run.wait_exit("the Ctrl-C during torch's import was lost")
     _check_exit(run, 0.0)
-    assert time.monotonic() - sent < 60
     assert "stage" not in run.output  # it never started a stage
     assert not (out / "results.json").exists()
 
@@ -167,7 +171,8 @@ def test_a_swallowed_keyboard_interrupt_still_exits_within_the_grace(tmp_path):
             "    print('swallowed', flush=True)\n"
             "time.sleep(60)\n")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=_terminal_sigint)
     took = time.monotonic() - start
     assert proc.returncode == 130 and proc.stdout == "swallowed\n", proc
     assert proc.stderr.strip() == interrupt.MESSAGE

@@ -158,7 +158,7 @@ class WandbTracker(Tracker):
         # right after (a test under load, the next sweep job) found no history records in it,
         # and a killed sweep process or joblib worker (no atexit) lost them. Tearing the
         # service down waits for that; the next job's `wandb.init` starts a new one.
-        self._guard("teardown", self._wandb.teardown)
+        self._guard("teardown", lambda: self._wandb.teardown())
 
 
 def make_tracker(logger_cfg, run_dir: str, config: dict[str, Any], name: str | None = None,
