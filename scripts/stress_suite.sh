@@ -27,7 +27,10 @@ echo "stress_suite: $N runs of the README test command in $CLONE at $(git rev-pa
      "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
 
 neighbour_pid=""
-stop_neighbour() { [ -n "$neighbour_pid" ] && kill "$neighbour_pid" 2>/dev/null && wait "$neighbour_pid" 2>/dev/null; neighbour_pid=""; }
+stop_neighbour() {  # always succeeds: under `set -e` the killed neighbour's status (143) must not end the script
+  if [ -n "$neighbour_pid" ]; then kill "$neighbour_pid" 2>/dev/null || true; wait "$neighbour_pid" 2>/dev/null || true; fi
+  neighbour_pid=""
+}
 trap stop_neighbour EXIT
 
 failed_runs=0
