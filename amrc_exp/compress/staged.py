@@ -56,7 +56,7 @@ class Chain:
 
 
 # Keyed by the class's full name, not the class: importing timm here would load timm.utils and
-# with it W&B, which the library must not pull in (tests/test_layers.py checks it).
+# with it W&B, which the library must not pull in (tests/test_library.py checks it).
 _BUILDERS: dict[str, Callable[[nn.Module], Chain]] = {}
 
 

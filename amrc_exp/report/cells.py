@@ -179,10 +179,15 @@ STAT_FIELDS = ("params_after", "ratio_achieved", "top1_baseline", "top1_compress
                "compress_seconds")
 
 
+def _missing(v: Any) -> bool:
+    """A run without this value: None or NaN."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     """(mean, sample std, n) of the values that are numbers (None and NaN left out); std 0 for n = 1.
     `statistics` sums exactly, so equal values give their value and a std of exactly 0."""
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = [float(v) for v in values if not _missing(v)]
     if not vals:
         return math.nan, math.nan, 0
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
@@ -191,8 +196,7 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
 def runs_text(values: Iterable[Any]) -> str:
     """Every run's value, `;`-separated in the cell's seed order (empty where a run has none): the
     CSVs' `<column>_runs`, so a reader can check a mean and std run by run."""
-    return ";".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.10g}"
-                    for v in values)
+    return ";".join("" if _missing(v) else f"{float(v):.10g}" for v in values)
 
 
 def cells_frame(df):
