@@ -100,6 +100,7 @@ def _slope(xs: list[float], ys: list[float]) -> str:
 def markdown(series: dict[str, list[Point]], common: dict[str, str]) -> str:
     lines = ["# Cost growth per method (amrc-bench --method results)", "",
              "_Random weights and synthetic images: timings and pass counts only._", "",
+             "End to end: at the file's `--extrapolate-to` calibration images where it has them.", "",
              "Settings of every row: " + " ".join(f"`{k}={v}`" for k, v in sorted(common.items())), "",
              "| series | model | blocks | layers | width | end to end s | passes (images) |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, pts in series.items():
