@@ -290,11 +290,11 @@ def _methods_main(args: argparse.Namespace, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # The method configs choose z_type and the Z fit; "METHOD:key=value" applies to that method only.
     common = tuple(o for o in COMMON if not o.startswith(METHOD_KEYS))
-    shared = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    shared = bm.shared_overrides(args.overrides)
     for o in args.overrides:
         if ":" in (key := o.split("=", 1)[0]) and key.split(":", 1)[0] not in methods:
             raise ConfigError("--method", key.split(":", 1)[0], f"a method named in --method {methods} (override {o})")
-    own = {m: [o.split(":", 1)[1] for o in args.overrides if o.split("=", 1)[0].startswith(f"{m}:")] for m in methods}
+    own = {m: bm.own_overrides(args.overrides, m) for m in methods}
 
     def compose(method: str) -> RunConfig:
         return compose_config(args.preset, [f"method={method}", *shared, *own[method]], out_dir,

@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from amrc_exp.report.bench_methods import own_overrides, shared_overrides
+
 __all__ = ["Point", "points", "common_settings", "power_fit", "markdown"]
 
 
@@ -52,8 +54,7 @@ def model_width(name: str) -> int:
 def _settings(result: dict[str, Any]) -> dict[str, str]:
     """The shared overrides other than `model=`; the last value of a key wins, as in Hydra (the
     preset's calib.num_samples, then the user's)."""
-    return dict(o.split("=", 1) for o in result["overrides"]
-                if ":" not in o.split("=", 1)[0] and not o.startswith("model="))
+    return dict(o.split("=", 1) for o in shared_overrides(result["overrides"]) if not o.startswith("model="))
 
 
 def common_settings(results: list[dict[str, Any]]) -> dict[str, str]:
@@ -71,8 +72,7 @@ def points(results: Iterable[dict[str, Any]], width=model_width) -> dict[str, li
         seconds = result.get("extrapolated_end_to_end_s") or {m: r["end_to_end_s"] for m, r in result["runs"].items()}
         own = sorted(f"{k}={v}" for k, v in _settings(result).items() if common.get(k) != v)
         for method, run in result["runs"].items():
-            mine = [o.split(":", 1)[1] for o in result["overrides"] if o.startswith(f"{method}:")]
-            out.setdefault(" ".join([method, *mine, *own]), []).append(Point(
+            out.setdefault(" ".join([method, *own_overrides(result["overrides"], method), *own]), []).append(Point(
                 result["model"], int(run["blocks"]), len(run["ranks"]), width(result["model"]),
                 float(seconds[method]), float(run["image_passes"])))
     return {k: sorted(v, key=lambda p: (p.blocks, p.width)) for k, v in out.items()}

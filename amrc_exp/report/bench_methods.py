@@ -25,7 +25,7 @@ import torch
 from amrc_exp.errors import ConfigError
 from amrc_exp.report import bench_report as report
 
-__all__ = ["known_methods", "bench_methods", "estimate_bytes"]
+__all__ = ["known_methods", "bench_methods", "estimate_bytes", "shared_overrides", "own_overrides"]
 
 
 def known_methods() -> list[str]:
@@ -44,6 +44,16 @@ def parse_methods(text: str) -> list[str]:
     if not methods:
         raise ConfigError("--method", text, f"one or more of {allowed}, comma-separated")
     return methods
+
+
+def shared_overrides(overrides: list[str]) -> list[str]:
+    """The overrides every method gets: all but the `METHOD:key=value` ones."""
+    return [o for o in overrides if ":" not in o.split("=", 1)[0]]
+
+
+def own_overrides(overrides: list[str], method: str) -> list[str]:
+    """`method`'s own overrides, `METHOD:key=value` given as `key=value`."""
+    return [o.split(":", 1)[1] for o in overrides if o.split("=", 1)[0].startswith(f"{method}:")]
 
 
 def estimate_bytes(cfg: Any, model: torch.nn.Module) -> int:
