@@ -169,6 +169,10 @@ class ScheduleConfig:
     # images are what the sensitivities and whole-model KLs are measured on (None: all of them).
     # The measurements' cost is proportional to it (BENCHMARKS.md, "cost model").
     score_samples: Optional[int] = None
+    # output_aware, with score_samples: each measured KL times the mean of its second-order
+    # prediction over the first this many probe images over its mean on the measured ones
+    # (a ratio estimator, `compress.kl_predict`: few measured images, many predicted; None: off)
+    ratio_samples: Optional[int] = None
     epochs: int = 20  # dobi: passes over the labelled probe images
     lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
     beta: float = 10.0  # dobi: sharpness of the tanh truncation mask, per rank position
@@ -190,6 +194,14 @@ class ScheduleConfig:
               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0, "a number in [0, 1)")
         if self.score_samples is not None:
             positive_int("schedule.score_samples", self.score_samples)
+        if self.ratio_samples is not None:
+            positive_int("schedule.ratio_samples", self.ratio_samples)
+            check("schedule.ratio_samples", self.ratio_samples, lambda v: self.name in (OUTPUT_AWARE, UNSET),
+                  f"null with schedule.name={self.name} (it rescales output_aware's KLs only)")
+            check("schedule.ratio_samples", self.ratio_samples,
+                  lambda v: self.score_samples is not None and v > self.score_samples,
+                  f"more than schedule.score_samples={self.score_samples} (the images measured; "
+                  "set schedule.score_samples below it)")
         positive_int("schedule.epochs", self.epochs)
         positive_float("schedule.lr", self.lr)
         positive_float("schedule.beta", self.beta)

@@ -23,6 +23,7 @@ from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_c
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
 from amrc_exp.compress.config import ASVD_SEARCH, DOBI, OUTPUT_AWARE, AMRCConfig
 from amrc_exp.compress.dobi import learn_positions
+from amrc_exp.compress.kl_predict import KLPrediction, predict_kl, ratio_estimate
 from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity, whole_model_scorer
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import (RECORDED_ALLOCATIONS, allocate_ranks, check_budget, decompose_layers, layer_specs,
@@ -93,9 +94,27 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         weights = layer_weights(layers)
         spectra = decompose_layers(weights, calib, config.decomp)
 
+    schedule = config.schedule
+    prediction: Optional[KLPrediction] = None  # schedule.ratio_samples: made once, on first use
+
+    def rescaled(kl: dict[str, float], allocations: dict[str, dict[str, Optional[int]]], n: int) -> dict[str, float]:
+        """schedule.ratio_samples: each KL measured on `n` images through the ratio estimator."""
+        nonlocal prediction
+        if schedule.ratio_samples is None:
+            return kl
+        if prediction is None:
+            prediction = predict_kl(model, layers, spectra, _probe_of(stats, "schedule.ratio_samples").subset(
+                schedule.ratio_samples))
+        return {k: ratio_estimate(v, prediction.allocation(allocations[k]), n) for k, v in kl.items()}
+
     def sensitivity(metric: str, ranks: dict[str, list[int]]) -> dict[str, dict[int, float]]:
-        probe = _probe_of(stats, f"schedule.name={config.schedule.name}").subset(config.schedule.score_samples)
-        return layer_sensitivity(model, layers, spectra, ranks, probe, metric)
+        probe = _probe_of(stats, f"schedule.name={schedule.name}").subset(schedule.score_samples)
+        out = layer_sensitivity(model, layers, spectra, ranks, probe, metric)
+        if metric != "kl":  # the prediction is of the KL (ASVD's loss is not rescaled)
+            return out
+        flat = rescaled({f"{n} {r}": v for n, d in out.items() for r, v in d.items()},
+                        {f"{n} {r}": {n: r} for n, d in out.items() for r in d}, len(probe))
+        return {n: {r: flat[f"{n} {r}"] for r in d} for n, d in out.items()}
 
     checked: dict[str, float] = {}  # what schedule.check_uniform / refine_steps measured, kept for the report
     scorer = None  # made on the first call: the dense output is measured once per search
@@ -103,11 +122,10 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
     def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]],
                        base: Optional[dict[str, Optional[int]]] = None) -> dict[str, float]:
         nonlocal scorer
+        probe = _probe_of(stats, "schedule.check_uniform / schedule.refine_steps").subset(schedule.score_samples)
         if scorer is None:
-            scorer = whole_model_scorer(model, layers, spectra,
-                                        _probe_of(stats, "schedule.check_uniform / schedule.refine_steps").subset(
-                                            config.schedule.score_samples))
-        kl = scorer(allocations, base)
+            scorer = whole_model_scorer(model, layers, spectra, probe)
+        kl = rescaled(scorer(allocations, base), allocations, len(probe))
         checked.update((k, v) for k, v in kl.items() if k in RECORDED_ALLOCATIONS)
         return kl
 
@@ -117,7 +135,7 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         if config.schedule.name == DOBI:
             positions = learn_positions(model, layers, _probe_of(stats, f"schedule.name={DOBI}"), specs, to_remove,
                                         config.schedule, seed=config.seed)
-        ranks = allocate_ranks(spectra, specs, to_remove, config.schedule, sensitivity, positions, whole_model_kl)
+        ranks = allocate_ranks(spectra, specs, to_remove, schedule, sensitivity, positions, whole_model_kl)
     with stage("compensate"):
         plans, rows = compensate_layers(weights, layers, spectra, ranks, stats, config)
     return CompressionReport(plans, rows, params_before=n0, params_target=n0 - to_remove,

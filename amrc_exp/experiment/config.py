@@ -168,6 +168,12 @@ class RunConfig:
               "a directory path (AMRC_CACHE_DIR is set but empty: unset it or give a path)")
         check("method", self.method, lambda v: v is None or v in METHODS, "null or one of " + ", ".join(METHODS))
         self.amrc()  # ratio, target_params, seed: checked where the method defines them
+        # The ratio estimator predicts on probe images, which are calibration images: more than
+        # there are would silently predict on fewer than asked.
+        probe = min(self.calib.probe_samples, self.calib.num_samples)
+        check("schedule.ratio_samples", self.schedule.ratio_samples, lambda v: v is None or v <= probe,
+              f"at most {probe} (calib.probe_samples={self.calib.probe_samples}, "
+              f"calib.num_samples={self.calib.num_samples}: the probe images it predicts on)")
 
     def autocast(self, device_type: str) -> dict[str, bool]:
         """Effective bf16 autocast per stage on `device_type` (never on the CPU)."""

@@ -1,0 +1,182 @@
+"""The second-order KL prediction and the ratio estimator (`compress.kl_predict`), against
+independent computations: the full Jacobian of the logits and the Fisher of the (coarsened)
+class distribution built by hand, the closed form of Eq (3), and the KL itself for a small
+truncation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amrc_exp.compress.config import ScheduleConfig
+from amrc_exp.compress.kl_predict import predict_kl, ratio_estimate
+from amrc_exp.compress.probe import Probe
+from amrc_exp.errors import ConfigError
+from amrc_exp.math.decompose import asvd_whiten_spectrum
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class _Net(nn.Module):
+    """(B, T, 6) tokens -> Linear -> tanh -> Linear -> mean over tokens -> Linear -> 7 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(5, 6), nn.Linear(6, 7)
+
+    def forward(self, x):
+        return self.head(self.b(torch.tanh(self.a(x))).mean(1))
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    net = _Net()
+    x = torch.randn(9, 3, 6)
+    layers = {"a": net.a, "b": net.b}
+    gram = {"a": torch.eye(6), "b": torch.eye(5)}
+    spectra = {n: asvd_whiten_spectrum(l.weight.detach().T.clone(), gram[n]) for n, l in layers.items()}
+    return net, x, layers, spectra
+
+
+def _brute_force(net, x, layers, spectra, ranks, classes):
+    """Eq (1) per image from the full Jacobian dz/dy of every layer (torch.func), the output
+    change of each truncation formed explicitly, and the Fisher of the top-`classes` + rest
+    outcomes written out from the softmax."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i: i + 1]
+        acts = {}
+        hooks = [l.register_forward_hook(lambda m, a, o, n=n: acts.__setitem__(n, (a[0].detach(), o.detach())))
+                 for n, l in layers.items()]
+        z = net(xi)[0].detach()
+        for h in hooks:
+            h.remove()
+        dz = torch.zeros_like(z)
+        for n, r in ranks.items():
+            inp, y = acts[n]
+
+            def logits_from(y_new, n=n):
+                hook = layers[n].register_forward_hook(lambda m, a, o: y_new)
+                try:
+                    return net(xi)[0]
+                finally:
+                    hook.remove()
+
+            jac = torch.autograd.functional.jacobian(logits_from, y)  # (C, 1, T, out)
+            dy = inp @ (spectra[n].approx(r) - layers[n].weight.detach().T)
+            dz = dz + (jac * dy).flatten(1).sum(1)
+        p = F.softmax(z, -1)
+        top = p.topk(min(classes, p.numel() - 1)).indices
+        rest = torch.ones_like(p, dtype=torch.bool)
+        rest[top] = False
+        grads, weights = [], []
+        for c in top:  # d log p_c / dz = e_c - p
+            grads.append(F.one_hot(c, p.numel()).double() - p)
+            weights.append(p[c])
+        p_rest = p[rest].sum()  # d log p_rest / dz = 1_rest p / p_rest - p
+        grads.append(torch.where(rest, p, torch.zeros_like(p)) / p_rest - p)
+        weights.append(p_rest)
+        out.append(0.5 * sum(w * (g @ dz) ** 2 for w, g in zip(weights, grads)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("classes", [2, 6])
+@pytest.mark.parametrize("ranks", [{"a": 2}, {"b": 0}, {"a": 1, "b": 3}, {"a": None, "b": 4}])
+def test_prediction_is_the_coarsened_fisher_quadratic_of_the_linearised_output(classes, ranks):
+    """classes=6 of 7: the top 6 and the one left is the whole Fisher, i.e. 1/2 dz^T F dz."""
+    net, x, layers, spectra = _setup()
+    pred = predict_kl(net, layers, spectra, Probe(x, batch_size=4), classes=classes)
+    got = pred.allocation(ranks)
+    ref = _brute_force(net, x, layers, spectra, {n: r for n, r in ranks.items() if r is not None}, classes)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_with_every_class_the_prediction_is_the_kl_of_a_small_truncation():
+    """Second order: for a truncation whose output change is small, the prediction and the
+    measured KL agree to a few percent (and both are far from 0)."""
+    net, x, layers, spectra = _setup(1)
+    with torch.no_grad():  # a weight whose last singular value is tiny
+        u, s, vh = torch.linalg.svd(net.a.weight, full_matrices=False)
+        s[-1] = 1e-2 * s[0]
+        net.a.weight.copy_(u @ torch.diag(s) @ vh)
+    spectra["a"] = asvd_whiten_spectrum(net.a.weight.detach().T.clone(), torch.eye(6))
+    pred = float(predict_kl(net, layers, spectra, Probe(x), classes=6).allocation({"a": 4}).mean())
+    dense = F.log_softmax(net(x), -1)
+    with torch.no_grad():
+        saved = net.a.weight.clone()
+        net.a.weight.copy_(spectra["a"].approx(4).T)
+        kl = float((dense.exp() * (dense - F.log_softmax(net(x), -1))).sum(-1).mean())
+        net.a.weight.copy_(saved)
+    assert kl > 1e-9 and pred == pytest.approx(kl, rel=0.05)
+
+
+def test_a_frozen_model_is_predicted_the_same():
+    net, x, layers, spectra = _setup()
+    want = predict_kl(net, layers, spectra, Probe(x)).allocation({"a": 1, "b": 2})
+    net.requires_grad_(False)
+    assert torch.allclose(predict_kl(net, layers, spectra, Probe(x)).allocation({"a": 1, "b": 2}), want)
+
+
+def test_ratio_estimate_is_eq3():
+    q = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    assert ratio_estimate(0.5, q, 2) == pytest.approx(0.5 * 3.0 / 2.0)
+    assert ratio_estimate(0.5, q, 4) == 0.5  # measured on all of them: nothing to rescale
+    assert ratio_estimate(0.5, torch.tensor([0.0, 0.0, 1.0]), 2) == 0.5  # undefined: the measurement
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(name="output_aware", ratio_samples=64), "schedule.ratio_samples"),  # no score_samples
+    (dict(name="output_aware", score_samples=64, ratio_samples=64), "schedule.ratio_samples"),
+    (dict(name="asvd_search", score_samples=8, ratio_samples=64), "schedule.ratio_samples"),
+    (dict(name="output_aware", score_samples=8, ratio_samples=0), "schedule.ratio_samples"),
+])
+def test_bad_ratio_samples_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        ScheduleConfig(**kwargs)
+    ScheduleConfig(name="output_aware", score_samples=8, ratio_samples=64)  # the good one
+
+
+def test_search_rescales_every_measured_kl_by_the_prediction():
+    """The whole-model KL a search records for the uniform check with ratio_samples is its plain
+    measurement on the first score_samples images times Eq (3), the prediction recomputed here."""
+    import timm
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from amrc_exp.compress import AMRCConfig, DecompConfig, ZConfig, compress_model
+    from amrc_exp.compress.calibrate import calibrate, find_layers
+    from amrc_exp.compress.lowrank import count_params
+    from amrc_exp.compress.plan import check_budget, decompose_layers, layer_specs, layer_weights
+    from amrc_exp.math.allocate import allocate_uniform
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2,
+                              embed_dim=48, num_heads=2).eval()
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
+    heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
+
+    def config(**schedule) -> AMRCConfig:
+        return AMRCConfig(ratio=0.6, decomp=DecompConfig("asvd_whiten"), z_type=ZConfig("none"),
+                          schedule=ScheduleConfig("output_aware", min_rank=0, check_uniform=True, **schedule))
+
+    plain = compress_model(model, calib, heldout, config(score_samples=8), probe_samples=24)
+    rescaled = compress_model(model, calib, heldout, config(score_samples=8, ratio_samples=24), probe_samples=24)
+    layers = find_layers(model)
+    stats = calibrate(model, calib, heldout, num_samples=32, layers=layers, probe_samples=24)
+    spectra = decompose_layers(layer_weights(layers), stats.calib, DecompConfig("asvd_whiten"))
+    specs = layer_specs(layers, ZConfig("none"))
+    to_remove = check_budget(layers, count_params(model), config())
+    uniform = {s.name: r for s, r in zip(specs, allocate_uniform(specs, to_remove, 0, kind="params"))}
+    prediction = predict_kl(model, layers, spectra, stats.probe)
+    want = ratio_estimate(plain.allocation_kl["param_uniform"], prediction.allocation(uniform), 8)
+    assert rescaled.allocation_kl["param_uniform"] == pytest.approx(want, rel=1e-4)
+    assert abs(want / plain.allocation_kl["param_uniform"] - 1) > 1e-3  # the rescaling did something
