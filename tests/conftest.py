@@ -118,3 +118,20 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> CliResult:
             else:
                 os.environ[key] = value
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def tiny_timm_loaders(seed: int = 0):
+    """A 2-block timm DeiT on 32×32 images (10 classes, random weights) and labelled calibration
+    (32 images) and held-out (16) loaders of random images: for library-level search tests."""
+    import timm
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(seed)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2,
+                              embed_dim=48, num_heads=2).eval()
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
+    heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
+    return model, calib, heldout

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from amrc_exp.compress.config import ScheduleConfig
-from amrc_exp.compress.kl_predict import predict_kl, ratio_estimate
-from amrc_exp.compress.probe import Probe
+from amrc_exp.compress.kl_predict import Sample, pps_sample, predict_kl, ratio_estimate
+from amrc_exp.compress.probe import Probe, allocation_kl
 from amrc_exp.errors import ConfigError
 from amrc_exp.math.decompose import asvd_whiten_spectrum
 
@@ -127,9 +127,55 @@ def test_a_frozen_model_is_predicted_the_same():
 
 def test_ratio_estimate_is_eq3():
     q = torch.tensor([1.0, 3.0, 2.0, 6.0])
-    assert ratio_estimate(0.5, q, 2) == pytest.approx(0.5 * 3.0 / 2.0)
-    assert ratio_estimate(0.5, q, 4) == 0.5  # measured on all of them: nothing to rescale
-    assert ratio_estimate(0.5, torch.tensor([0.0, 0.0, 1.0]), 2) == 0.5  # undefined: the measurement
+    assert ratio_estimate(0.5, q, Sample.first(2)) == pytest.approx(0.5 * 3.0 / 2.0)
+    assert ratio_estimate(0.5, q, Sample.first(4)) == pytest.approx(0.5)  # all of them: nothing to rescale
+    assert ratio_estimate(0.5, torch.tensor([0.0, 0.0, 1.0]), Sample.first(2)) == 0.5  # undefined: the measurement
+    # weighted: the sample's mean of q is (1 * 3 + 3 * 6) / 4 over images 1 and 3 with weights 1, 3
+    assert ratio_estimate(0.5, q, Sample(torch.tensor([1, 3]), torch.tensor([1.0, 3.0]))) == pytest.approx(
+        0.5 * 3.0 / (21.0 / 4.0))
+
+
+def test_pps_sample_draws_n_distinct_images_with_probability_proportional_to_size():
+    """Monte Carlo against the closed form π_i = n · size_i / Σ size (no cap, floor 0), and the
+    Horvitz-Thompson mean Σ y_i / π_i / N unbiased for any y."""
+    torch.manual_seed(0)
+    size = torch.rand(40) + 0.1
+    n, draws = 6, 4000
+    g = torch.Generator().manual_seed(3)
+    hits = torch.zeros(40)
+    y = torch.randn(40) ** 2
+    ht = []
+    for _ in range(draws):
+        s = pps_sample(size, n, g, floor=0.0)
+        assert len(set(s.index.tolist())) == n
+        hits[s.index] += 1
+        ht.append(float((y[s.index] * s.weights).sum()) / 40)
+    pi = n * size / size.sum()
+    assert torch.allclose(hits / draws, pi, atol=0.035)
+    assert sum(ht) / draws == pytest.approx(float(y.mean()), rel=0.02)
+
+
+def test_pps_sample_always_measures_the_largest_and_keeps_the_floor():
+    size = torch.ones(20)
+    size[7] = 1000.0  # its share is over 1/n: measured every time, at weight 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = pps_sample(size, 4, g, floor=0.0)
+        assert 7 in s.index.tolist() and float(s.weights[s.index.tolist().index(7)]) == pytest.approx(1.0)
+    zero = torch.zeros(10)
+    zero[0] = 1.0
+    s = pps_sample(zero, 3, g, floor=0.1)  # the others' size is 0, the floor still lets them be drawn
+    assert len(set(s.index.tolist())) == 3 and float(s.weights.max()) <= 10 / (0.1 * 3) + 1e-9
+
+
+def test_a_weighted_probe_measures_the_weighted_mean_of_each_image():
+    """allocation_kl on Probe.take(index, weights): Σ w_i KL_i / Σ w with KL_i measured one image at a time."""
+    net, x, layers, spectra = _setup()
+    ranks = {"a": 1, "b": 2}
+    index, w = torch.tensor([5, 0, 3]), torch.tensor([2.0, 1.0, 0.5])
+    got = allocation_kl(net, layers, spectra, {"x": ranks}, Probe(x, batch_size=2).take(index, w))["x"]
+    each = [allocation_kl(net, layers, spectra, {"x": ranks}, Probe(x[i: i + 1]))["x"] for i in index.tolist()]
+    assert got == pytest.approx(sum(wi * k for wi, k in zip(w.tolist(), each)) / float(w.sum()), rel=1e-9)
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -147,8 +193,7 @@ def test_bad_ratio_samples_name_the_key(kwargs, key):
 def test_search_rescales_every_measured_kl_by_the_prediction():
     """The whole-model KL a search records for the uniform check with ratio_samples is its plain
     measurement on the first score_samples images times Eq (3), the prediction recomputed here."""
-    import timm
-    from torch.utils.data import DataLoader, TensorDataset
+    from tests.conftest import tiny_timm_loaders
 
     from amrc_exp.compress import AMRCConfig, DecompConfig, ZConfig, compress_model
     from amrc_exp.compress.calibrate import calibrate, find_layers
@@ -156,13 +201,7 @@ def test_search_rescales_every_measured_kl_by_the_prediction():
     from amrc_exp.compress.plan import check_budget, decompose_layers, layer_specs, layer_weights
     from amrc_exp.math.allocate import allocate_uniform
 
-    torch.set_default_dtype(torch.float32)
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2,
-                              embed_dim=48, num_heads=2).eval()
-    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
-    calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
-    heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
+    model, calib, heldout = tiny_timm_loaders()
 
     def config(**schedule) -> AMRCConfig:
         return AMRCConfig(ratio=0.6, decomp=DecompConfig("asvd_whiten"), z_type=ZConfig("none"),
@@ -177,6 +216,8 @@ def test_search_rescales_every_measured_kl_by_the_prediction():
     to_remove = check_budget(layers, count_params(model), config())
     uniform = {s.name: r for s, r in zip(specs, allocate_uniform(specs, to_remove, 0, kind="params"))}
     prediction = predict_kl(model, layers, spectra, stats.probe)
-    want = ratio_estimate(plain.allocation_kl["param_uniform"], prediction.allocation(uniform), 8)
+    sample = pps_sample(prediction.size(), 8, torch.Generator().manual_seed(0))  # config().seed
+    measured = allocation_kl(model, layers, spectra, {"u": uniform}, stats.probe.take(sample.index, sample.weights))
+    want = ratio_estimate(measured["u"], prediction.allocation(uniform), sample)
     assert rescaled.allocation_kl["param_uniform"] == pytest.approx(want, rel=1e-4)
     assert abs(want / plain.allocation_kl["param_uniform"] - 1) > 1e-3  # the rescaling did something

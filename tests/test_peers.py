@@ -423,19 +423,12 @@ def test_lowrank_z_on_the_whitened_optimum_is_worth_exactly_its_parameters_as_ra
 def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp, schedule):
     """compress_model with labelled loaders, z_type none, rank 0 allowed: the budget is met
     (within one rank step), the model still runs, and a ratio needing rank-0 layers is reachable."""
-    import timm
-    from torch.utils.data import DataLoader, TensorDataset
+    from tests.conftest import tiny_timm_loaders
 
     from amrc_exp.compress import AMRCConfig, DecompConfig, ScheduleConfig, ZConfig, compress_, compress_model
     from amrc_exp.compress.lowrank import count_params
 
-    torch.set_default_dtype(torch.float32)
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2,
-                              embed_dim=48, num_heads=2).eval()
-    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
-    calib = DataLoader(TensorDataset(images[:32], labels[:32]), batch_size=16)
-    heldout = DataLoader(TensorDataset(images[32:], labels[32:]), batch_size=16)
+    model, calib, heldout = tiny_timm_loaders()
     n0 = count_params(model)
     checked = decomp == "whiten_fisher"  # ours_wf: the allocation checked and refined on the whole model
     config = AMRCConfig(ratio=0.6, decomp=DecompConfig(decomp), z_type=ZConfig("none"),
@@ -448,4 +441,4 @@ def test_every_peer_and_ours_compresses_a_timm_model_through_the_library(decomp,
     compress_(model, report)
     step = max(r.n_in + r.n_out for r in report.layers)
     assert n0 * 0.4 - 10 * step <= count_params(model) <= round(n0 * 0.4)  # budget met, no big overshoot
-    assert torch.isfinite(model(images[:4])).all()
+    assert torch.isfinite(model(next(iter(heldout))[0][:4])).all()

@@ -169,9 +169,10 @@ class ScheduleConfig:
     # images are what the sensitivities and whole-model KLs are measured on (None: all of them).
     # The measurements' cost is proportional to it (BENCHMARKS.md, "cost model").
     score_samples: Optional[int] = None
-    # output_aware, with score_samples: each measured KL times the mean of its second-order
-    # prediction over the first this many probe images over its mean on the measured ones
-    # (a ratio estimator, `compress.kl_predict`: few measured images, many predicted; None: off)
+    # output_aware, with score_samples: the second-order KL prediction on the first this many
+    # probe images; the score_samples measured images are drawn from them with probability
+    # proportional to it, and each measured KL is rescaled by the prediction's mean over all of
+    # them over its weighted mean on the drawn ones (`compress.kl_predict`; None: off)
     ratio_samples: Optional[int] = None
     epochs: int = 20  # dobi: passes over the labelled probe images
     lr: float = 5 / 2048  # dobi: Adam's step in fractions of a layer's max rank (theirs: 5 of 2048 positions)
@@ -246,7 +247,8 @@ class AMRCConfig:
     Args:
         ratio: fraction of the WHOLE model's parameters removed (Tab 2), in (0, 1).
         target_params: an absolute parameter budget instead of `ratio` (Tab 3).
-        seed: seeds the GD start of Z and its mini-batch order.
+        seed: seeds the GD start of Z, its mini-batch order and the images
+            `schedule.ratio_samples` draws.
         patterns: regexes (``re.search``) of the ``nn.Linear`` names to compress.
     """
 

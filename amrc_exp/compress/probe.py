@@ -39,6 +39,9 @@ class Probe:
     images: Tensor
     labels: Optional[Tensor] = None
     batch_size: int = 64
+    # Per-image weights of every mean measured on the probe (None: equal). A sample drawn with
+    # unequal probabilities (`kl_predict.pps_sample`) carries 1/π here, the Horvitz-Thompson weights.
+    weights: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -48,11 +51,20 @@ class Probe:
             labels = None if self.labels is None else self.labels[i: i + self.batch_size]
             yield self.images[i: i + self.batch_size], labels
 
+    def batch_weights(self) -> list[Tensor]:
+        """Each batch's image weights, normalised to sum to 1 over the probe (float64)."""
+        w = torch.ones(len(self), dtype=torch.float64) if self.weights is None else self.weights.double()
+        return list((w / w.sum()).split(self.batch_size))
+
     def subset(self, n: Optional[int]) -> "Probe":
         """The first `n` images (all of them for None or n >= len)."""
         if n is None or n >= len(self):
             return self
-        return Probe(self.images[:n], None if self.labels is None else self.labels[:n], self.batch_size)
+        return self.take(torch.arange(n))
+
+    def take(self, index: Tensor, weights: Optional[Tensor] = None) -> "Probe":
+        """The images at `index`, in that order, with `weights` (None: equal)."""
+        return Probe(self.images[index], None if self.labels is None else self.labels[index], self.batch_size, weights)
 
     def require_labels(self, what: str) -> Tensor:
         if self.labels is None:
@@ -122,13 +134,14 @@ def replaced_weight(layer: nn.Linear, weight: Tensor) -> Iterator[None]:
 
 
 def _kl(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tensor:
-    return kl_rows(dense_logp, F.log_softmax(logits.double(), dim=-1)).sum()
+    return kl_rows(dense_logp, F.log_softmax(logits.double(), dim=-1))
 
 
 def _loss(logits: Tensor, dense_logp: Tensor, labels: Optional[Tensor]) -> Tensor:
-    return F.cross_entropy(logits.double(), labels, reduction="sum")
+    return F.cross_entropy(logits.double(), labels, reduction="none")
 
 
+# metric -> per-image values (float64) from (logits, dense log-probabilities, labels)
 METRICS: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {"kl": _kl, "loss": _loss}
 
 
@@ -155,15 +168,16 @@ class _Scorer:
             self.cache = CachedInputs(self.chain, images, CACHE_BYTES)
             outputs = self.cache.refresh()
         self.dense = [F.log_softmax(z.double(), dim=-1) for z in outputs]
-        self.n = len(probe)
+        self.weights = [w.to(device) for w in probe.batch_weights()]
 
     def rebase(self) -> None:
         """Cache the unit inputs of the model as it is now."""
         self.cache.refresh()
 
     def measure(self, start: int = 0) -> float:
-        return sum(float(self.score(self.cache.run(i, start), d, y))
-                   for i, (d, y) in enumerate(zip(self.dense, self.labels))) / self.n
+        """The probe's (weighted) mean of the metric."""
+        return sum(float(self.score(self.cache.run(i, start), d, y) @ w)
+                   for i, (d, y, w) in enumerate(zip(self.dense, self.labels, self.weights)))
 
 
 @torch.no_grad()

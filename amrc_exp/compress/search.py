@@ -23,7 +23,7 @@ from amrc_exp.compress.calibrate import CalibStats, calibrate, find_layers, gd_c
 from amrc_exp.compress.compensate import LayerReport, compensate_layers, residual_summary
 from amrc_exp.compress.config import ASVD_SEARCH, DOBI, OUTPUT_AWARE, AMRCConfig
 from amrc_exp.compress.dobi import learn_positions
-from amrc_exp.compress.kl_predict import KLPrediction, predict_kl, ratio_estimate
+from amrc_exp.compress.kl_predict import KLPrediction, Sample, pps_sample, predict_kl, ratio_estimate
 from amrc_exp.compress.probe import Probe, fisher_rows, layer_sensitivity, whole_model_scorer
 from amrc_exp.compress.lowrank import LayerPlan, count_params
 from amrc_exp.compress.plan import (RECORDED_ALLOCATIONS, allocate_ranks, check_budget, decompose_layers, layer_specs,
@@ -95,25 +95,36 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
         spectra = decompose_layers(weights, calib, config.decomp)
 
     schedule = config.schedule
-    prediction: Optional[KLPrediction] = None  # schedule.ratio_samples: made once, on first use
+    # schedule.ratio_samples: the prediction on that many probe images and the score_samples of
+    # them drawn by it (`kl_predict.pps_sample`), made once, on first use
+    predicted: Optional[tuple[KLPrediction, Sample]] = None
 
-    def rescaled(kl: dict[str, float], allocations: dict[str, dict[str, Optional[int]]], n: int) -> dict[str, float]:
-        """schedule.ratio_samples: each KL measured on `n` images through the ratio estimator."""
-        nonlocal prediction
+    def scored(what: str) -> Probe:
+        """The probe images the output-aware measurements run on (weighted where drawn)."""
+        nonlocal predicted
+        probe = _probe_of(stats, what)
         if schedule.ratio_samples is None:
+            return probe.subset(schedule.score_samples)
+        if predicted is None:
+            prediction = predict_kl(model, layers, spectra, probe.subset(schedule.ratio_samples))
+            predicted = prediction, pps_sample(prediction.size(), schedule.score_samples,
+                                               torch.Generator().manual_seed(config.seed))
+        sample = predicted[1]
+        return probe.take(sample.index, sample.weights)
+
+    def rescaled(kl: dict[str, float], allocations: dict[str, dict[str, Optional[int]]]) -> dict[str, float]:
+        """schedule.ratio_samples: each KL measured on the drawn images through Eq (3)."""
+        if predicted is None:
             return kl
-        if prediction is None:
-            prediction = predict_kl(model, layers, spectra, _probe_of(stats, "schedule.ratio_samples").subset(
-                schedule.ratio_samples))
-        return {k: ratio_estimate(v, prediction.allocation(allocations[k]), n) for k, v in kl.items()}
+        prediction, sample = predicted
+        return {k: ratio_estimate(v, prediction.allocation(allocations[k]), sample) for k, v in kl.items()}
 
     def sensitivity(metric: str, ranks: dict[str, list[int]]) -> dict[str, dict[int, float]]:
-        probe = _probe_of(stats, f"schedule.name={schedule.name}").subset(schedule.score_samples)
-        out = layer_sensitivity(model, layers, spectra, ranks, probe, metric)
+        out = layer_sensitivity(model, layers, spectra, ranks, scored(f"schedule.name={schedule.name}"), metric)
         if metric != "kl":  # the prediction is of the KL (ASVD's loss is not rescaled)
             return out
         flat = rescaled({f"{n} {r}": v for n, d in out.items() for r, v in d.items()},
-                        {f"{n} {r}": {n: r} for n, d in out.items() for r in d}, len(probe))
+                        {f"{n} {r}": {n: r} for n, d in out.items() for r in d})
         return {n: {r: flat[f"{n} {r}"] for r in d} for n, d in out.items()}
 
     checked: dict[str, float] = {}  # what schedule.check_uniform / refine_steps measured, kept for the report
@@ -122,10 +133,9 @@ def search(model: nn.Module, stats: CalibStats, config: AMRCConfig, *,
     def whole_model_kl(allocations: dict[str, dict[str, Optional[int]]],
                        base: Optional[dict[str, Optional[int]]] = None) -> dict[str, float]:
         nonlocal scorer
-        probe = _probe_of(stats, "schedule.check_uniform / schedule.refine_steps").subset(schedule.score_samples)
         if scorer is None:
-            scorer = whole_model_scorer(model, layers, spectra, probe)
-        kl = rescaled(scorer(allocations, base), allocations, len(probe))
+            scorer = whole_model_scorer(model, layers, spectra, scored("schedule.check_uniform / schedule.refine_steps"))
+        kl = rescaled(scorer(allocations, base), allocations)
         checked.update((k, v) for k, v in kl.items() if k in RECORDED_ALLOCATIONS)
         return kl
 
