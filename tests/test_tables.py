@@ -444,9 +444,7 @@ def test_shipped_results_of_two_models_both_load(tmp_path):
 # Committed CSVs written before the per-run columns existed; their sweeps have not been rerun
 # since (results/README.md says how long each takes). A rerun adds `<column>_runs`, and the CSV
 # must then leave this list (the test fails while it is on it with the columns).
-WITHOUT_RUNS = {"frontier_embedded/table8.csv", "frontier_fm_embedded/table8.csv",
-                "frontier_full_ft_embedded/table8.csv", "frontier_wf_embedded/table8.csv",
-                "frontier_wf_kd_embedded/table8.csv"}
+WITHOUT_RUNS = {"frontier_embedded/table8.csv"}
 
 
 def test_committed_csvs_carry_every_run_and_their_mean_and_std_follow_from_it():

@@ -168,7 +168,9 @@ class _Scorer:
             self.cache = CachedInputs(self.chain, images, CACHE_BYTES)
             outputs = self.cache.refresh()
         self.dense = [F.log_softmax(z.double(), dim=-1) for z in outputs]
-        self.weights = [w.to(device) for w in probe.batch_weights()]
+        # equal weights: the plain mean, summed as before weights existed (the same bits)
+        self.weights = None if probe.weights is None else [w.to(device) for w in probe.batch_weights()]
+        self.n = len(probe)
 
     def rebase(self) -> None:
         """Cache the unit inputs of the model as it is now."""
@@ -176,8 +178,10 @@ class _Scorer:
 
     def measure(self, start: int = 0) -> float:
         """The probe's (weighted) mean of the metric."""
-        return sum(float(self.score(self.cache.run(i, start), d, y) @ w)
-                   for i, (d, y, w) in enumerate(zip(self.dense, self.labels, self.weights)))
+        rows = (self.score(self.cache.run(i, start), d, y) for i, (d, y) in enumerate(zip(self.dense, self.labels)))
+        if self.weights is None:
+            return sum(float(r.sum()) for r in rows) / self.n
+        return sum(float(r @ w) for r, w in zip(rows, self.weights))
 
 
 @torch.no_grad()
