@@ -100,8 +100,9 @@ class Sample:
 
 
 def pps_sample(size: Tensor, n: int, generator: torch.Generator, floor: float = DEFENSIVE) -> Sample:
-    """`n` distinct images drawn with probability π_i ∝ max(size_i, ...) (Cochran Ch. 9A,
-    systematic PPS in a random order; π capped at 1: those images are always measured).
+    """`n` distinct images drawn with probability π_i ∝ (1 − floor) · size_i / Σ size + floor / N
+    (Cochran Ch. 9A, systematic PPS in a random order; π capped at 1: those images are always
+    measured).
 
     The KL's mean is carried by few images (embedded model: the 16 largest of 256 hold 45% of
     it), so drawing by the prediction measures those and weights them down by 1/π. `floor` mixes
@@ -109,7 +110,7 @@ def pps_sample(size: Tensor, n: int, generator: torch.Generator, floor: float = 
     N / (floor · n) where the prediction misses it."""
     big = len(size)
     if n >= big:
-        return Sample(torch.arange(big), torch.ones(big, dtype=torch.float64))
+        return Sample.first(big)
     size = size.double().clamp_min(0)
     size = (1 - floor) * size / size.sum().clamp_min(1e-300) + floor / big
     pi, always = torch.zeros_like(size), torch.zeros(big, dtype=torch.bool)
