@@ -75,7 +75,7 @@ def test_every_table_and_scale_has_a_sweep_config():
     assert TABLE_CONFIGS == [f"table{n}_{s}" for n in (1, 2, 3, 4) for s in ("embedded", "paper")]
     assert FIG_CONFIGS == ["fig2_embedded", "fig2_paper"]
     assert PEER_CONFIGS == ["peers_embedded", "peers_paper", "peers_ratio16_embedded", "peers_ratio32_embedded",
-                            "peers_score16_embedded",
+                            "peers_ratio32p128_embedded", "peers_score16_embedded",
                             "peers_score32_embedded", "peers_score64_embedded", "peers_score8_embedded",
                             "peers_seed1_embedded"]
     assert FRONTIER_CONFIGS == ["frontier_dense_embedded", "frontier_embedded", "frontier_fm_embedded",
@@ -122,6 +122,7 @@ def test_sweep_config_jobs_compose(name):
                 "table3_embedded": 9, "table3_paper": 9, "table4_embedded": 18, "table4_paper": 6,
                 "fig2_embedded": 3, "fig2_paper": 3, "peers_embedded": 162, "peers_paper": 54, "peers_seed1_embedded": 81,
                 "peers_score8_embedded": 18, "peers_score16_embedded": 18, "peers_ratio16_embedded": 18, "peers_ratio32_embedded": 18,
+                "peers_ratio32p128_embedded": 18,
                 "peers_score32_embedded": 18, "peers_score64_embedded": 18, "frontier_full_ft_embedded": 3,
                 "frontier_embedded": 36, "frontier_dense_embedded": 3, "frontier_fm_embedded": 27, "frontier_wf_embedded": 18,
                 "frontier_wf_kd_embedded": 9}[name]
