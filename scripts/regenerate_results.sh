@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the committed embedded-scale tables under results/ from the shipped checkpoints:
 # each sweep (resumable: a finished job is skipped), then its table. Usage, venv active:
-#   bash scripts/regenerate_results.sh [table1 table2 table3 table4 peers peers_seed1 peers_score8 peers_score16 peers_ratio16 peers_ratio32 peers_ratio32p128 peers_score32 peers_score64 frontier frontier_fm frontier_wf frontier_wf_kd frontier_full_ft fig2]   (default: all)
+#   bash scripts/regenerate_results.sh [TARGET ...]   (default: every target of `targets` below)
 # Writes each step's wall time to outputs/sweeps/regenerate_times.tsv. Figures last:
 #   python -m amrc_exp.report.figures --fig-dir results/figures
 set -euo pipefail
