@@ -441,12 +441,6 @@ def test_shipped_results_of_two_models_both_load(tmp_path):
     assert sorted(r["config"]["model"]["name"] for r in load_results([tmp_path])) == ["fmnist_vit", "fmnist_vit_small"]
 
 
-# Committed CSVs written before the per-run columns existed; their sweeps have not been rerun
-# since (results/README.md says how long each takes). A rerun adds `<column>_runs`, and the CSV
-# must then leave this list (the test fails while it is on it with the columns).
-WITHOUT_RUNS = {"frontier_embedded/table8.csv"}
-
-
 def test_committed_csvs_carry_every_run_and_their_mean_and_std_follow_from_it():
     """Every committed table CSV: each `<column>_std` has its `<column>_runs`, and the mean and
     sample std recomputed here from those runs (statistics module) are the CSV's own."""
@@ -458,9 +452,6 @@ def test_committed_csvs_carry_every_run_and_their_mean_and_std_follow_from_it():
         name, df = path.relative_to(results).as_posix(), pd.read_csv(path)
         stds = [c for c in df.columns if c.endswith("_std")]
         runs = [c for c in df.columns if c.endswith("_runs")]
-        if name in WITHOUT_RUNS:
-            assert not runs, f"{name} has per-run columns now: take it off WITHOUT_RUNS"
-            continue
         assert stds and sorted(c[:-4] for c in stds) == sorted(c[:-5] for c in runs), name
         for std in stds:
             base = std[:-4]
